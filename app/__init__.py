@@ -1,0 +1,1 @@
+"""rayinfer: online model serving on Ray Serve."""

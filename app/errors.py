@@ -1,0 +1,104 @@
+"""One error hierarchy and one table mapping each kind to HTTP status, gRPC code and OpenAI type.
+
+Client mistakes are `ClientError` (4xx); everything else is `ServerError` (5xx). Any other
+exception reaching a route is a bug: it is logged with its traceback and answered as a
+generic 500 that leaks nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RayInferError(Exception):
+    """Base of every error rayinfer answers deliberately.
+
+    `param` names the request field at fault (OpenAI's `param`), when there is one.
+    Picklable: replicas raise these and the ingress maps them.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ClientError(RayInferError):
+    """The request is wrong; retrying it unchanged will fail again."""
+
+
+class InvalidInput(ClientError):
+    """A field has a wrong type, value or shape."""
+
+
+class InputTooLong(InvalidInput):
+    """An input has more tokens than the model accepts."""
+
+
+class ModelNotFound(ClientError):
+    """The request names a model this service does not serve."""
+
+
+class PayloadTooLarge(ClientError):
+    """The body or the number of items in it is over a configured limit."""
+
+
+class ServerError(RayInferError):
+    """The service could not answer; the request may succeed later."""
+
+
+class ModelNotReady(ServerError):
+    """The model has no replica able to answer yet."""
+
+
+class Overloaded(ServerError):
+    """Queues are full; the client should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: int = 1):
+        super().__init__(message, param)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServerError):
+    """The request ran past its deadline; its work was cancelled."""
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    http_status: int
+    grpc_code: str  # name of a grpc.StatusCode member
+    openai_type: str
+    code: str
+
+
+# The one table. Looked up along the exception's MRO, so a subclass without its own row
+# inherits its parent's.
+ERROR_TABLE: dict[type[RayInferError], ErrorKind] = {
+    InvalidInput: ErrorKind(400, "INVALID_ARGUMENT", "invalid_request_error", "invalid_value"),
+    InputTooLong: ErrorKind(400, "INVALID_ARGUMENT", "invalid_request_error", "context_length_exceeded"),
+    ModelNotFound: ErrorKind(404, "NOT_FOUND", "invalid_request_error", "model_not_found"),
+    PayloadTooLarge: ErrorKind(413, "INVALID_ARGUMENT", "invalid_request_error", "payload_too_large"),
+    ClientError: ErrorKind(400, "INVALID_ARGUMENT", "invalid_request_error", "invalid_request"),
+    ModelNotReady: ErrorKind(503, "UNAVAILABLE", "server_error", "model_not_ready"),
+    Overloaded: ErrorKind(503, "UNAVAILABLE", "server_error", "overloaded"),
+    DeadlineExceeded: ErrorKind(504, "DEADLINE_EXCEEDED", "server_error", "timeout"),
+    ServerError: ErrorKind(500, "INTERNAL", "server_error", "internal_error"),
+    RayInferError: ErrorKind(500, "INTERNAL", "server_error", "internal_error"),
+}
+
+INTERNAL = ERROR_TABLE[ServerError]
+
+
+def kind_of(exc: RayInferError) -> ErrorKind:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return INTERNAL
+
+
+def openai_error_body(message: str, kind: ErrorKind, param: str | None = None) -> dict:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind.openai_type, "param": param, "code": kind.code}}

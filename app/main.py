@@ -1,0 +1,29 @@
+"""The application builder `serve run` / `serve deploy` import: `app.main:build_app`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from app.config import AppConfig
+from app.ingress import Ingress
+from deployments.embedder import Embedder
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Validate `args` (see `app.config.AppConfig`) and bind the graph: Ingress → one deployment per model.
+
+    Deployment options set here are defaults; the `deployments:` section of
+    `serve_config.yaml` overrides them by deployment name.
+    """
+    config = AppConfig.model_validate(args or {})
+    handles = {
+        m.name: Embedder.options(
+            name=m.deployment_name,
+            # Enough in flight per replica for a full batch to form, and the next to queue.
+            max_ongoing_requests=max(64, 2 * m.max_batch_size),
+        ).bind(m)
+        for m in config.models
+    }
+    return Ingress.bind(config, handles)

@@ -1,0 +1,84 @@
+"""Protocol-independent core: which models exist, their handles, metadata and readiness.
+
+REST (and later gRPC) adapters call this; it knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from app.config import AppConfig, ModelConfig
+from app.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError
+from deployments.types import ModelInfo
+
+
+def as_rayinfer_error(exc: BaseException) -> BaseException:
+    """Unwrap an exception that crossed a handle; map Serve's own failures to ours."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    if isinstance(exc, RayInferError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return Overloaded(f"model queue is full, retry shortly ({exc})")
+    if isinstance(exc, RayActorError):
+        return ModelNotReady("the model replica serving this request died; retry")
+    return exc
+
+
+class ModelRegistry:
+    def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]):
+        self.config = config
+        self._models: dict[str, ModelConfig] = {m.name: m for m in config.models}
+        self._handles = handles
+        self._info: dict[str, ModelInfo] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def handle(self, name: Any, task: str) -> DeploymentHandle:
+        cfg = self._models.get(name) if isinstance(name, str) else None
+        if cfg is None or cfg.task != task:
+            served = ", ".join(n for n, m in self._models.items() if m.task == task)
+            raise ModelNotFound(f"The model `{name}` does not exist or does not serve {task!r}; served: {served}", "model")
+        return self._handles[name]
+
+    def model_config(self, name: str) -> ModelConfig:
+        return self._models[name]
+
+    async def info(self, name: str, timeout_s: float | None = None) -> ModelInfo:
+        if name not in self._info:
+            response = self._handles[name].metadata.remote()
+            try:
+                self._info[name] = await asyncio.wait_for(_awaitable(response), timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ModelNotReady(f"model {name!r} did not answer within {timeout_s}s") from None
+        return self._info[name]
+
+    async def not_ready(self) -> dict[str, str]:
+        """Models that cannot answer now, with why; empty when every model is ready."""
+        timeout = self.config.ready_timeout_s
+
+        async def probe(name: str) -> str | None:
+            response = self._handles[name].metadata.remote()
+            try:
+                await asyncio.wait_for(_awaitable(response), timeout)
+                return None
+            except asyncio.TimeoutError:
+                response.cancel()
+                return f"no answer within {timeout}s"
+            except Exception as exc:  # any failure means not ready; report it
+                return f"{type(exc).__name__}: {exc}"
+
+        results = await asyncio.gather(*(probe(n) for n in self._models))
+        return {n: r for n, r in zip(self._models, results) if r is not None}
+
+
+async def _awaitable(response):
+    return await response

@@ -1,0 +1,1 @@
+"""Ray Serve deployments: thin wrappers adding batching, resources and handles to model code."""

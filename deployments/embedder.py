@@ -1,0 +1,99 @@
+"""The Embedder deployment: one replica holds one embedding model and batches requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+import torch
+from ray import serve
+
+from app.config import ModelConfig
+from app.errors import InputTooLong, InvalidInput, RayInferError
+from deployments.types import EmbedJob, EmbedResult, ModelInfo
+from models.embedding import EmbeddingModel
+from models.loader import resolve_source
+
+logger = logging.getLogger("ray.serve")
+
+
+def replica_threads() -> int:
+    """Torch threads = the CPUs Ray gave this replica (Ray sets OMP_NUM_THREADS=1 otherwise)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
+
+
+def replica_device(cfg: ModelConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=10)
+class Embedder:
+    """Embeds texts or token ids with dynamic batching across concurrent requests."""
+
+    def __init__(self, cfg: ModelConfig):
+        torch.set_num_threads(replica_threads())
+        self.cfg = cfg
+        root = resolve_source(cfg.source)
+        self.model = EmbeddingModel(root, device=replica_device(cfg), max_input_tokens=cfg.max_input_tokens)
+        self.info = ModelInfo(
+            name=cfg.name,
+            task=cfg.task,
+            root=str(root),
+            dim=self.model.dim,
+            max_input_tokens=self.model.max_tokens,
+            vocab_size=self.model.vocab_size,
+        )
+        self._batch.set_max_batch_size(cfg.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        logger.info("Embedder %s loaded from %s on %s, %d threads", cfg.name, root, self.model.device, torch.get_num_threads())
+
+    async def metadata(self) -> ModelInfo:
+        return self.info
+
+    async def embed(self, job: EmbedJob) -> EmbedResult:
+        result = await self._batch(job)
+        if isinstance(result, RayInferError):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
+        # Tokenize and check every job first; a bad job gets its own error and is left
+        # out of the forward pass, so it never fails the others batched with it.
+        prepared: list[list[list[int]] | RayInferError] = [self._prepare(job) for job in jobs]
+        flat = [ids for p in prepared if not isinstance(p, RayInferError) for ids in p]
+        vectors = await asyncio.to_thread(self.model.embed_ids, flat, self.cfg.max_batch_size) if flat else None
+        results: list[EmbedResult | RayInferError] = []
+        offset = 0
+        for p in prepared:
+            if isinstance(p, RayInferError):
+                results.append(p)
+                continue
+            results.append(EmbedResult(vectors=vectors[offset : offset + len(p)], prompt_tokens=sum(map(len, p))))
+            offset += len(p)
+        return results
+
+    def _prepare(self, job: EmbedJob) -> list[list[int]] | RayInferError:
+        if job.token_ids is not None:
+            ids_list = job.token_ids
+            bad = next((t for ids in ids_list for t in ids if not 0 <= t < self.info.vocab_size), None)
+            if bad is not None:
+                return InvalidInput(f"token id {bad} is outside the vocabulary [0, {self.info.vocab_size})", "input")
+        else:
+            ids_list = self.model.tokenize(job.texts)
+        limit = self.model.max_tokens
+        if self.cfg.truncate:
+            return [self.model.truncate(ids) for ids in ids_list]
+        for i, ids in enumerate(ids_list):
+            if len(ids) > limit:
+                return InputTooLong(
+                    f"input[{i}] has {len(ids)} tokens; model {self.cfg.name!r} accepts at most {limit} "
+                    "(shorten it, or serve the model with `truncate: true`)",
+                    "input",
+                )
+        return ids_list
