@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from app.errors import InvalidInput, PayloadTooLarge
+from app.errors import InvalidInput, PayloadTooLarge, RayInferError
 from app.registry import ModelRegistry
 from app.schemas import EmbeddingRequest, ModelCard, ModelList
 from deployments.types import EmbedJob, EmbedResult
@@ -34,7 +34,9 @@ async def create_embeddings(registry: ModelRegistry, req: EmbeddingRequest) -> d
         dim = (await registry.info(req.model)).dim
         if req.dimensions != dim:
             raise InvalidInput(f"dimensions must be {dim} for model {req.model!r} (it cannot be shortened)", "dimensions")
-    result: EmbedResult = await handle.embed.remote(job)
+    result: EmbedResult | RayInferError = await handle.embed.remote(job)
+    if isinstance(result, RayInferError):
+        raise result
     return {
         "object": "list",
         "data": [

@@ -48,6 +48,7 @@ class Embedder:
             max_input_tokens=self.model.max_tokens,
             vocab_size=self.model.vocab_size,
         )
+        self._stats = {"batches": 0, "jobs": 0, "max_jobs_per_batch": 0}
         self._batch.set_max_batch_size(cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         logger.info("Embedder %s loaded from %s on %s, %d threads", cfg.name, root, self.model.device, torch.get_num_threads())
@@ -55,14 +56,23 @@ class Embedder:
     async def metadata(self) -> ModelInfo:
         return self.info
 
-    async def embed(self, job: EmbedJob) -> EmbedResult:
-        result = await self._batch(job)
-        if isinstance(result, RayInferError):
-            raise result
-        return result
+    async def batch_stats(self) -> dict[str, int]:
+        """Batches run, jobs seen and the largest batch: lets tests prove batching happened."""
+        return dict(self._stats)
+
+    async def embed(self, job: EmbedJob) -> EmbedResult | RayInferError:
+        """The job's vectors, or the client error it deserves.
+
+        Errors are returned, not raised: a client's mistake is not a replica failure, and
+        raising would log a server traceback for every bad request.
+        """
+        return await self._batch(job)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
+        self._stats["batches"] += 1
+        self._stats["jobs"] += len(jobs)
+        self._stats["max_jobs_per_batch"] = max(self._stats["max_jobs_per_batch"], len(jobs))
         # Tokenize and check every job first; a bad job gets its own error and is left
         # out of the forward pass, so it never fails the others batched with it.
         prepared: list[list[list[int]] | RayInferError] = [self._prepare(job) for job in jobs]

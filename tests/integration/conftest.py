@@ -1,0 +1,51 @@
+"""One real Ray cluster and one Serve instance for the whole integration session.
+
+Deployed exactly as `serve run serve_config.yaml` does (ServeDeploySchema → deploy_apps),
+from the real config file, with only the HTTP port changed to a free one.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from ray._common.test_utils import wait_for_condition
+from ray.serve._private import api as serve_api
+from ray.serve._private.constants import SERVE_NAMESPACE
+from ray.serve.schema import ServeDeploySchema
+
+from tests.helpers import free_port, load_serve_config
+
+APP = "rayinfer"
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    port = free_port()
+    config = ServeDeploySchema.model_validate(load_serve_config(port))
+    ray.init(address="local", namespace=SERVE_NAMESPACE, include_dashboard=False, log_to_driver=True)
+    client = serve_api.serve_start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
+    client.deploy_apps(config, _blocking=False)
+
+    def running() -> bool:
+        status = serve.status().applications.get(APP)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploy failed: {status.message}")
+        return status is not None and status.status == "RUNNING"
+
+    wait_for_condition(running, timeout=180, retry_interval_ms=500)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def http(serve_url):
+    with httpx.Client(base_url=serve_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def embedder_handle(serve_url):
+    return serve.get_deployment_handle("Embedder-all-MiniLM-L6-v2", app_name=APP)
