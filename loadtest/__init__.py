@@ -1,0 +1,1 @@
+"""rayinfer's load-test tool: `python -m loadtest --help`."""

@@ -1,0 +1,90 @@
+"""What one request of each scenario sends, and how its answer is read."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+WORDS = (
+    "serving model online batch replica latency queue token request vector cluster node "
+    "throughput capacity deploy scale proxy ingress handle stream cache memory"
+).split()
+
+
+@dataclass
+class Outcome:
+    status: str  # "200", "503", … or an exception name
+    tokens: int = 0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+
+
+def sentence(i: int, words: int = 12) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(words)) + f" #{i}"
+
+
+class Embeddings:
+    name = "embeddings"
+
+    def __init__(self, model: str, texts_per_request: int):
+        self.model = model
+        self.n = texts_per_request
+
+    def items(self) -> int:
+        return self.n
+
+    async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
+        texts = [sentence(i * self.n + k) for k in range(self.n)]
+        body = {"model": self.model, "input": texts[0] if self.n == 1 else texts}
+        r = await client.post("/v1/embeddings", json=body)
+        return Outcome(status=str(r.status_code))
+
+
+class Completions:
+    """Streamed OpenAI completions: measures time to first token and inter-token latency."""
+
+    name = "completions"
+
+    def __init__(self, model: str, max_tokens: int):
+        self.model = model
+        self.max_tokens = max_tokens
+
+    def items(self) -> int:
+        return 1
+
+    async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
+        body = {"model": self.model, "prompt": sentence(i), "max_tokens": self.max_tokens, "stream": True,
+                "temperature": 0}
+        start = time.perf_counter()
+        out = Outcome(status="stream")
+        last = None
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            out.status = str(r.status_code)
+            if r.status_code != 200:
+                await r.aread()
+                return out
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if not any(c.get("text") for c in chunk.get("choices", [])):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    out.ttft_s = now - start
+                else:
+                    out.itl_s.append(now - last)
+                last = now
+                out.tokens += 1
+        return out
+
+
+def make_scenario(name: str, model: str | None, texts_per_request: int, max_tokens: int):
+    if name == "embeddings":
+        return Embeddings(model or "all-MiniLM-L6-v2", texts_per_request)
+    if name == "completions":
+        return Completions(model or "tiny-lm", max_tokens)
+    raise ValueError(f"unknown scenario {name!r}")
