@@ -79,6 +79,22 @@ class AppConfig(BaseModel):
         le=1024**3,
         description="Largest request body accepted; larger gets 413.",
     )
+    edge_batching: bool = Field(
+        True,
+        description=(
+            "The ingress gathers concurrent requests per model and crosses the handle hop once "
+            "per batch (see app/edge_batch.py). Off: one hop per request."
+        ),
+    )
+    edge_batch_max_items: int = Field(
+        256, ge=1, le=100_000, description="Most inputs (texts or token lists) in one edge batch."
+    )
+    edge_batch_max_request_items: int = Field(
+        8,
+        ge=0,
+        le=100_000,
+        description="Requests with more inputs than this skip the edge batcher: they already amortise the hop.",
+    )
     ready_timeout_s: float = Field(
         2.0, gt=0, le=60, description="How long /readyz waits for each model's replica to answer."
     )

@@ -27,14 +27,13 @@ def to_job(req: EmbeddingRequest, max_items: int) -> EmbedJob:
 
 
 async def create_embeddings(registry: ModelRegistry, req: EmbeddingRequest) -> dict:
-    handle = registry.handle(req.model, task="embed")
-    cfg = registry.model_config(req.model)
+    cfg = registry.model(req.model, task="embed")
     job = to_job(req, cfg.max_inputs_per_request)
     if req.dimensions is not None:
         dim = (await registry.info(req.model)).dim
         if req.dimensions != dim:
             raise InvalidInput(f"dimensions must be {dim} for model {req.model!r} (it cannot be shortened)", "dimensions")
-    result: EmbedResult | RayInferError = await handle.embed.remote(job)
+    result: EmbedResult | RayInferError = await registry.embed(req.model, job)
     if isinstance(result, RayInferError):
         raise result
     return {

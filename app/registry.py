@@ -13,8 +13,9 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig, ModelConfig
+from app.edge_batch import EdgeBatcher
 from app.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError
-from deployments.types import ModelInfo
+from deployments.types import EmbedJob, EmbedResult, ModelInfo
 
 
 def as_rayinfer_error(exc: BaseException) -> BaseException:
@@ -36,20 +37,37 @@ class ModelRegistry:
         self._models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self._handles = handles
         self._info: dict[str, ModelInfo] = {}
+        self._batchers: dict[str, EdgeBatcher[EmbedJob, EmbedResult | RayInferError]] = {
+            name: EdgeBatcher(self._sender(handles[name]), size_of=len, max_items=config.edge_batch_max_items)
+            for name, m in self._models.items()
+            if m.task == "embed" and config.edge_batching
+        }
+
+    @staticmethod
+    def _sender(handle: DeploymentHandle):
+        async def send(jobs: list[EmbedJob]):
+            return await handle.embed_many.remote(jobs)
+
+        return send
+
+    async def embed(self, name: str, job: EmbedJob) -> EmbedResult | RayInferError:
+        """One request's job, through the model's edge batcher when there is one."""
+        batcher = self._batchers.get(name)
+        if batcher is not None and len(job) <= self.config.edge_batch_max_request_items:
+            return await batcher.submit(job)
+        return await self._handles[name].embed.remote(job)
 
     @property
     def names(self) -> list[str]:
         return list(self._models)
 
-    def handle(self, name: Any, task: str) -> DeploymentHandle:
+    def model(self, name: Any, task: str) -> ModelConfig:
+        """The served model's config; ModelNotFound (404) if no model of that task has that name."""
         cfg = self._models.get(name) if isinstance(name, str) else None
         if cfg is None or cfg.task != task:
             served = ", ".join(n for n, m in self._models.items() if m.task == task)
             raise ModelNotFound(f"The model `{name}` does not exist or does not serve {task!r}; served: {served}", "model")
-        return self._handles[name]
-
-    def model_config(self, name: str) -> ModelConfig:
-        return self._models[name]
+        return cfg
 
     async def info(self, name: str, timeout_s: float | None = None) -> ModelInfo:
         if name not in self._info:

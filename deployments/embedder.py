@@ -66,13 +66,26 @@ class Embedder:
         Errors are returned, not raised: a client's mistake is not a replica failure, and
         raising would log a server traceback for every bad request.
         """
-        return await self._batch(job)
+        return (await self._batch([job]))[0]
+
+    async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
+        """Several requests' jobs in one call: what the ingress's edge batcher sends."""
+        return await self._batch(jobs)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
+    async def _batch(self, groups: list[list[EmbedJob]]) -> list[list[EmbedResult | RayInferError]]:
+        jobs = [job for group in groups for job in group]
         self._stats["batches"] += 1
         self._stats["jobs"] += len(jobs)
         self._stats["max_jobs_per_batch"] = max(self._stats["max_jobs_per_batch"], len(jobs))
+        results = await self._run(jobs)
+        out, offset = [], 0
+        for group in groups:
+            out.append(results[offset : offset + len(group)])
+            offset += len(group)
+        return out
+
+    async def _run(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
         # Tokenize and check every job first; a bad job gets its own error and is left
         # out of the forward pass, so it never fails the others batched with it.
         prepared: list[list[list[int]] | RayInferError] = [self._prepare(job) for job in jobs]

@@ -1,0 +1,115 @@
+"""The ingress's edge batcher, without Ray: ordering forced with events, never sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.edge_batch import EdgeBatcher
+
+
+class GatedSender:
+    """Records each batch and holds it until the test releases it."""
+
+    def __init__(self):
+        self.batches: list[list[str]] = []
+        self.gates: list[asyncio.Event] = []
+        self.sent = asyncio.Condition()
+        self.fail_next = False
+
+    async def __call__(self, jobs: list[str]) -> list[str]:
+        gate = asyncio.Event()
+        async with self.sent:
+            self.batches.append(list(jobs))
+            self.gates.append(gate)
+            self.sent.notify_all()
+        await gate.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("replica died")
+        return [f"result:{j}" for j in jobs]
+
+    async def wait_batches(self, n: int) -> None:
+        async with self.sent:
+            await self.sent.wait_for(lambda: len(self.batches) >= n)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=10))
+
+
+def test_idle_batcher_sends_at_once_and_busy_one_accumulates():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=lambda j: 1, max_items=100, max_inflight=1)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await sender.wait_batches(1)
+        assert sender.batches == [["a"]]  # no waiting for company when idle
+        rest = [asyncio.ensure_future(batcher.submit(x)) for x in "bcd"]
+        await asyncio.sleep(0)  # let the three submits enqueue (a yield, not a timing wait)
+        sender.gates[0].set()
+        await sender.wait_batches(2)
+        assert sender.batches[1] == ["b", "c", "d"]  # gathered while "a" was out
+        sender.gates[1].set()
+        assert await first == "result:a"
+        assert [await r for r in rest] == ["result:b", "result:c", "result:d"]
+
+    run(scenario())
+
+
+def test_max_items_splits_batches():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=len, max_items=4, max_inflight=1)
+        blocker = asyncio.ensure_future(batcher.submit("z"))
+        await sender.wait_batches(1)
+        jobs = [asyncio.ensure_future(batcher.submit(x)) for x in ("aa", "bb", "cc", "ddddd")]
+        await asyncio.sleep(0)
+        for n in (1, 2, 3):
+            sender.gates[n - 1].set()
+            await sender.wait_batches(n + 1)
+        sender.gates[3].set()
+        assert sender.batches[1:] == [["aa", "bb"], ["cc"], ["ddddd"]]  # an oversize job still goes, alone
+        assert [await j for j in jobs] == ["result:aa", "result:bb", "result:cc", "result:ddddd"]
+        await blocker
+
+    run(scenario())
+
+
+def test_failure_fails_only_its_batch():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=lambda j: 1, max_items=100, max_inflight=1)
+        doomed = asyncio.ensure_future(batcher.submit("a"))
+        await sender.wait_batches(1)
+        later = asyncio.ensure_future(batcher.submit("b"))
+        await asyncio.sleep(0)
+        sender.fail_next = True
+        sender.gates[0].set()
+        with pytest.raises(RuntimeError, match="replica died"):
+            await doomed
+        await sender.wait_batches(2)
+        sender.gates[1].set()
+        assert await later == "result:b"
+
+    run(scenario())
+
+
+def test_cancelled_waiter_is_not_sent():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=lambda j: 1, max_items=100, max_inflight=1)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await sender.wait_batches(1)
+        gone = asyncio.ensure_future(batcher.submit("gone"))
+        kept = asyncio.ensure_future(batcher.submit("kept"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        sender.gates[0].set()
+        await sender.wait_batches(2)
+        assert sender.batches[1] == ["kept"]
+        sender.gates[1].set()
+        assert (await first, await kept) == ("result:a", "result:kept")
+
+    run(scenario())
