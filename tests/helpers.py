@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
-
 import numpy as np
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from loadtest.servers import ROOT, free_port, serve_config_on  # noqa: F401  (re-exported for tests)
+
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 MODEL = "all-MiniLM-L6-v2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_serve_config(http_port: int) -> dict:
-    """The real serve_config.yaml with only the HTTP port changed."""
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["http_options"]["port"] = http_port
-    return config
 
 
 def cosine(a, b) -> np.ndarray:

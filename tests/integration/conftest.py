@@ -6,6 +6,8 @@ from the real config file, with only the HTTP port changed to a free one.
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 import ray
@@ -15,7 +17,8 @@ from ray.serve._private import api as serve_api
 from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.schema import ServeDeploySchema
 
-from tests.helpers import free_port, load_serve_config
+from loadtest.servers import SERVE_ENV
+from tests.helpers import free_port, serve_config_on
 
 APP = "rayinfer"
 
@@ -23,7 +26,8 @@ APP = "rayinfer"
 @pytest.fixture(scope="session")
 def serve_url():
     port = free_port()
-    config = ServeDeploySchema.model_validate(load_serve_config(port))
+    config = ServeDeploySchema.model_validate(serve_config_on(port))
+    os.environ.update(SERVE_ENV)  # the cluster inherits it, as with `make serve`
     ray.init(address="local", namespace=SERVE_NAMESPACE, include_dashboard=False, log_to_driver=True)
     client = serve_api.serve_start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
     client.deploy_apps(config, _blocking=False)

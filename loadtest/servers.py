@@ -1,0 +1,82 @@
+"""Start and stop the servers a benchmark or end-to-end test talks to."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The cluster environment `make serve` uses (keep the Makefile's `serve` target in step):
+# HAProxy in front of the ingress replicas instead of Serve's Python proxy (BENCHMARKS.md).
+SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text()[-4000:] if log_path.exists() else ""
+            raise RuntimeError(f"{proc.args[0]} did not become ready (exit {proc.poll()}):\n{tail}")
+        time.sleep(0.5)  # polling a readiness endpoint
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | None = None) -> Iterator[str]:
+    """`serve run` of `config` (a serve_config.yaml as a dict) on its own new Ray cluster; yields the URL."""
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rayinfer-"))
+    config_path = log_dir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = log_dir / "serve.log"
+    # RAY_ADDRESS=local: a new cluster, never someone else's running one.
+    full_env = {**os.environ, "RAY_ADDRESS": "local", **SERVE_ENV, **(env or {})}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(BIN / "serve"), "run", str(config_path)], cwd=ROOT, env=full_env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    try:
+        wait_ready(url, proc, log_path)
+        yield url
+    finally:
+        stop(proc)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=full_env)
+
+
+def serve_config_on(port: int) -> dict:
+    """The shipped serve_config.yaml with only the HTTP port changed."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    return config
