@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test test-unit test-integration test-e2e clean
+.PHONY: setup serve test test-unit bench clean
 
 setup: $(STAMP)
 
@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Foreground, HTTP on 127.0.0.1:8000 (see serve_config.yaml). Ctrl-C stops it.
+# HAProxy replaces Serve's Python proxy (README "Operating it"; loadtest/servers.py SERVE_ENV).
 serve: setup
-	$(VENV)/bin/serve run serve_config.yaml
+	RAY_SERVE_ENABLE_HA_PROXY=1 $(VENV)/bin/serve run serve_config.yaml
 
 # Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
 # not share a machine-wide Ray session with the integration tests' cluster.
@@ -29,3 +30,8 @@ test-unit: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Side-by-side embeddings benchmark (raw limit, naive peer, rayinfer variants): ~6 minutes.
+# Not a test: no assertions on speed. Review artifacts/bench/bench.md, then copy it into BENCHMARKS.md.
+bench: setup
+	$(PY) -m loadtest.bench
