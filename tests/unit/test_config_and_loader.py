@@ -13,9 +13,11 @@ from models.loader import SourceError, resolve_source
 from tests.helpers import MODEL, SERVE_CONFIG
 
 
-def test_default_config_serves_the_bundled_model():
-    (model,) = AppConfig().models
-    assert (model.name, model.task, model.source) == (MODEL, "embed", f"bundled:{MODEL}")
+def test_default_config_serves_the_bundled_and_the_built_model():
+    embed, generate = AppConfig().models
+    assert (embed.name, embed.task, embed.source) == (MODEL, "embed", f"bundled:{MODEL}")
+    assert (generate.name, generate.task, generate.source) == ("tiny-lm", "generate", "built:tiny-lm")
+    assert (embed.deployment_name, generate.deployment_name) == (f"Embedder-{MODEL}", "Generator-tiny-lm")
 
 
 @pytest.mark.parametrize(
@@ -56,13 +58,14 @@ def test_build_app_binds_ingress_over_one_deployment_per_model():
     assert app._bound_deployment.name == "Ingress"
 
 
-def test_resolve_bundled_and_local(tmp_path):
+def test_resolve_bundled_built_and_local(tmp_path):
     bundled = resolve_source(f"bundled:{MODEL}")
     assert (bundled / "model.safetensors").exists()
+    assert (resolve_source("built:tiny-lm") / "model.safetensors").exists()
     assert resolve_source(str(tmp_path)) == tmp_path.resolve()
 
 
-@pytest.mark.parametrize("source,words", [("bundled:nope", "no bundled model"), ("./missing-dir", "no such directory")])
+@pytest.mark.parametrize("source,words", [("bundled:nope", "no bundled model"), ("built:nope", "no built model"), ("./missing-dir", "no such directory")])
 def test_unresolvable_sources_say_why(source, words):
     with pytest.raises(SourceError, match=words):
         resolve_source(source)
