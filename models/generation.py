@@ -1,0 +1,229 @@
+"""Continuous batching: sequences join between decode steps and leave when finished.
+
+Prefill runs per sequence on its own prompt and gives it its own KV cache. Decoding sequences
+share one batch cache, left-padded to a common width, with the padding masked and every row
+given its own position ids, so a sequence's tokens never depend on what else is in the batch.
+The batch cache is rebuilt only when the batch changes (a sequence joins or leaves); between
+changes each step just appends to it. Bounded by `max_batch_size` sequences and `max_batch_tokens`
+(prompt + max_tokens summed over running sequences).
+
+Thread-safety: `add` and `abort` may be called from any thread; `step` from one thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from models.causal_lm import CausalLM
+from models.params import SamplingParams
+
+
+@dataclass
+class StepOutput:
+    seq_id: str
+    text: str  # newly final text (may be empty while a possible stop string is held back)
+    token_id: int | None
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Seq:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # own KV cache until it joins the batch's
+    text: str = ""  # decoded so far (incrementally: see _detokenize)
+    prefix_offset: int = 0  # out[prefix_offset:read_offset] is the context the next token is decoded in
+    read_offset: int = 0
+    emitted: int = 0  # characters of text already sent
+    finish: str | None = None
+
+    @property
+    def length(self) -> int:  # tokens in the cache
+        return len(self.prompt) + len(self.out) - 1
+
+
+class Engine:
+    def __init__(self, lm: CausalLM, max_batch_size: int = 32, max_batch_tokens: int = 65536):
+        self.lm = lm
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+        # The decoding sequences' shared cache; rebuilt when the batch changes.
+        self._batch: list[_Seq] = []
+        self._batch_ids: list[str] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
+
+    def add(self, seq_id: str, prompt: list[int], params: SamplingParams) -> None:
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        with self._lock:
+            self._waiting.append(_Seq(seq_id, list(prompt), params, gen))
+
+    def abort(self, seq_id: str) -> None:
+        with self._lock:
+            self._aborted.add(seq_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def drop_all(self) -> list[str]:
+        """Forget every sequence (after a failed step); returns their ids."""
+        with self._lock:
+            ids = [s.id for s in self._running] + [s.id for s in self._waiting]
+            self._running, self._waiting = [], deque()
+            self._aborted.clear()
+            self._batch, self._batch_ids, self._cache = [], [], None
+            return ids
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit waiting sequences (prefill), then one decode step for the others."""
+        admitted = self._admit()
+        decoding = [s for s in self._running if s not in admitted]
+        outputs = [self._emit(s, self._prefill(s)) for s in admitted]
+        if decoding:
+            outputs += [self._emit(s, t) for s, t in zip(decoding, self._decode(decoding))]
+        elif self._cache is not None:  # nothing decoding: free the batch cache
+            self._batch, self._batch_ids, self._cache = [], [], None
+        self._running = [s for s in self._running if s.finish is None]
+        return outputs
+
+    def _admit(self) -> list[_Seq]:
+        with self._lock:
+            if self._aborted:
+                self._running = [s for s in self._running if s.id not in self._aborted]
+                self._waiting = deque(s for s in self._waiting if s.id not in self._aborted)
+                self._aborted.clear()
+            budget = self.max_batch_tokens - sum(len(s.prompt) + s.params.max_tokens for s in self._running)
+            admitted = []
+            while self._waiting and len(self._running) < self.max_batch_size:
+                cost = len(self._waiting[0].prompt) + self._waiting[0].params.max_tokens
+                if cost > budget and self._running:
+                    break
+                seq = self._waiting.popleft()
+                budget -= cost
+                admitted.append(seq)
+                self._running.append(seq)
+            return admitted
+
+    def _prefill(self, seq: _Seq) -> int:
+        ids = torch.tensor([seq.prompt], device=self.lm.device)
+        out = self.lm.model(input_ids=ids, use_cache=True)
+        seq.cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return self._sample(out.logits[:, -1], [seq])[0]
+
+    def _decode(self, seqs: list[_Seq]) -> list[int]:
+        if [s.id for s in seqs] != self._batch_ids:
+            self._rebuild(seqs)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(seqs), 1))], dim=1)
+        out = self.lm.model(
+            input_ids=torch.tensor([[s.out[-1]] for s in seqs], device=self.lm.device),
+            attention_mask=self._mask,
+            position_ids=torch.tensor([[s.length] for s in seqs], device=self.lm.device),
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self._cache = out.past_key_values
+        return self._sample(out.logits[:, -1], seqs)
+
+    def _rebuild(self, seqs: list[_Seq]) -> None:
+        """A new batch cache for `seqs`: rows kept from the old one, new sequences' own caches."""
+        if self._cache is not None:
+            width = self._mask.shape[1]
+            for row, s in enumerate(self._batch):
+                if s.cache is None and s.finish is None:
+                    n = s.length
+                    s.cache = [(lay.keys[row : row + 1, :, width - n :], lay.values[row : row + 1, :, width - n :])
+                               for lay in self._cache.layers]
+        lengths = [s.length for s in seqs]
+        width = max(lengths)
+        layers = []
+        for layer in range(len(seqs[0].cache)):
+            ks = [F.pad(s.cache[layer][0], (0, 0, width - n, 0)) for s, n in zip(seqs, lengths)]
+            vs = [F.pad(s.cache[layer][1], (0, 0, width - n, 0)) for s, n in zip(seqs, lengths)]
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        self._mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.lm.device)
+        for row, n in enumerate(lengths):
+            self._mask[row, width - n :] = 1
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._batch, self._batch_ids = list(seqs), [s.id for s in seqs]
+        for s in seqs:
+            s.cache = None
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        tokens = []
+        for row, s in zip(logits.float(), seqs):
+            p = s.params
+            if p.temperature == 0:
+                tokens.append(int(row.argmax()))
+                continue
+            probs = torch.softmax(row / p.temperature, dim=-1).cpu()
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < p.top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+            tokens.append(int(torch.multinomial(probs, 1, generator=s.generator)))
+        return tokens
+
+    def _emit(self, s: _Seq, token: int) -> StepOutput:
+        s.out.append(token)
+        reason = "stop" if token in self.lm.eos_ids else None
+        if reason is None and len(s.out) >= s.params.max_tokens:
+            reason = "length"
+        s.text += self._detokenize(s, final=reason is not None)
+        text = s.text
+        cut = _find_stop(text, s.params.stop, s.emitted)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        if reason is None:
+            # Hold back a tail that may begin a stop string.
+            safe = max(s.emitted, len(text) - max((len(x) - 1 for x in s.params.stop), default=0))
+        else:
+            safe, s.finish = len(text), reason
+        delta, s.emitted = text[s.emitted : safe], max(s.emitted, safe)
+        return StepOutput(s.id, delta, token, reason, len(s.prompt), len(s.out))
+
+    def _detokenize(self, s: _Seq, final: bool) -> str:
+        """New text for the tokens since the last call; empty while they end inside a UTF-8 character.
+
+        Decodes only a short window (as text-generation-inference does), not the whole output each
+        step; special tokens (EOS among them) are not text.
+        """
+        before = self.lm.decode(s.out[s.prefix_offset : s.read_offset])
+        after = self.lm.decode(s.out[s.prefix_offset :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            s.prefix_offset, s.read_offset = s.read_offset, len(s.out)
+            return after[len(before) :]
+        return ""
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
+    start = max(0, emitted - max((len(x) for x in stops), default=0))
+    hits = [i for i in (text.find(x, start) for x in stops) if i >= 0]
+    return min(hits) if hits else None
