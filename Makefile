@@ -6,7 +6,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup serve test test-unit bench clean
 
-setup: $(STAMP)
+TINY_LM := artifacts/models/tiny-lm
+
+setup: $(STAMP) $(TINY_LM)/model.safetensors
+
+# The default generation model, built here since nothing can be downloaded (README "tiny-lm").
+$(TINY_LM)/model.safetensors: $(STAMP) models/tiny_lm.py models/data/tiny_corpus.txt
+	rm -rf $(TINY_LM)
+	$(PY) -m models.tiny_lm $(TINY_LM)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +38,9 @@ test-unit: setup
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Side-by-side embeddings benchmark (raw limit, naive peer, rayinfer variants): ~6 minutes.
-# Not a test: no assertions on speed. Review artifacts/bench/bench.md, then copy it into BENCHMARKS.md.
+# Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
+# (one-at-a-time generate vs continuous batching at 1-32 streams): ~9 minutes.
+# Not a test: no assertions on speed. Review artifacts/bench/{bench,generate}.md, then copy them into BENCHMARKS.md.
 bench: setup
 	$(PY) -m loadtest.bench
+	$(PY) -m loadtest.bench_generate

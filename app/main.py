@@ -9,6 +9,7 @@ from ray import serve
 from app.config import AppConfig
 from app.ingress import Ingress
 from deployments.embedder import Embedder
+from deployments.generator import Generator
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -19,11 +20,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """
     config = AppConfig.model_validate(args or {})
     handles = {
-        m.name: Embedder.options(
+        m.name: (Embedder if m.task == "embed" else Generator)
+        .options(
             name=m.deployment_name,
             # Enough in flight per replica for a full batch to form, and the next to queue.
             max_ongoing_requests=max(64, 2 * m.max_batch_size),
-        ).bind(m)
+        )
+        .bind(m)
         for m in config.models
     }
     return Ingress.bind(config, handles)

@@ -6,7 +6,7 @@ REST (and later gRPC) adapters call this; it knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from app.config import AppConfig, ModelConfig
 from app.edge_batch import EdgeBatcher
 from app.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError
-from deployments.types import EmbedJob, EmbedResult, ModelInfo
+from deployments.types import EmbedJob, EmbedResult, GenerateChunk, GenerateJob, ModelInfo
 
 
 def as_rayinfer_error(exc: BaseException) -> BaseException:
@@ -42,6 +42,7 @@ class ModelRegistry:
             for name, m in self._models.items()
             if m.task == "embed" and config.edge_batching
         }
+        self._streams = {name: handles[name].options(stream=True) for name, m in self._models.items() if m.task == "generate"}
 
     @staticmethod
     def _sender(handle: DeploymentHandle):
@@ -56,6 +57,18 @@ class ModelRegistry:
         if batcher is not None and len(job) <= self.config.edge_batch_max_request_items:
             return await batcher.submit(job)
         return await self._handles[name].embed.remote(job)
+
+    async def generate(self, name: str, job: GenerateJob) -> AsyncIterator[list[GenerateChunk] | RayInferError]:
+        """Stream the job's chunks from the model's Generator; leaving early cancels the work there."""
+        response = self._streams[name].generate.remote(job)
+        done = False
+        try:
+            async for item in response:
+                yield item
+            done = True
+        finally:
+            if not done:
+                response.cancel()
 
     @property
     def names(self) -> list[str]:

@@ -11,14 +11,14 @@ EmbeddingInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[Stric
 INPUT_SHAPES = "a non-empty string, a list of non-empty strings, a list of token ids, or a list of token-id lists"
 
 
-def check_input(value: Any) -> Any:
-    """Explain a bad `input` in one sentence, instead of pydantic's four-way union error."""
+def check_input(value: Any, field: str = "input") -> Any:
+    """Explain a bad `input` (or `prompt`) in one sentence, instead of pydantic's four-way union error."""
     if isinstance(value, str):
         if not value:
-            raise ValueError("input must not be an empty string")
+            raise ValueError(f"{field} must not be an empty string")
         return value
     if not isinstance(value, list) or not value:
-        raise ValueError(f"input must be {INPUT_SHAPES}")
+        raise ValueError(f"{field} must be {INPUT_SHAPES}")
     first = value[0]
     if isinstance(first, str):
         kind_ok = lambda x: isinstance(x, str) and x != ""  # noqa: E731
@@ -29,10 +29,12 @@ def check_input(value: Any) -> Any:
             isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
         )
     else:
-        raise ValueError(f"input must be {INPUT_SHAPES}")
+        raise ValueError(f"{field} must be {INPUT_SHAPES}")
     bad = next((i for i, x in enumerate(value) if not kind_ok(x)), None)
     if bad is not None:
-        raise ValueError(f"input[{bad}] is empty or not of the same kind as input[0]; input must be {INPUT_SHAPES}")
+        raise ValueError(
+            f"{field}[{bad}] is empty or not of the same kind as {field}[0]; {field} must be {INPUT_SHAPES}"
+        )
     return value
 
 
@@ -45,7 +47,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: StrictInt | None = Field(None, ge=1, description="Must equal the model's dimension if given.")
     user: StrictStr | None = Field(None, description="Accepted and ignored, as OpenAI's API allows.")
 
-    _check_input = field_validator("input", mode="before")(check_input)
+    _check_input = field_validator("input", mode="before")(lambda v: check_input(v))
 
 
 class Embedding(BaseModel):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import ray
 import torch
 from ray import serve
 
 from app.config import ModelConfig
 from app.errors import InputTooLong, InvalidInput, RayInferError
+from deployments.replica import replica_device, replica_threads
 from deployments.types import EmbedJob, EmbedResult, ModelInfo
 from models.embedding import EmbeddingModel
 from models.loader import resolve_source
@@ -18,25 +18,12 @@ from models.loader import resolve_source
 logger = logging.getLogger("ray.serve")
 
 
-def replica_threads() -> int:
-    """Torch threads = the CPUs Ray gave this replica (Ray sets OMP_NUM_THREADS=1 otherwise)."""
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    return max(1, int(cpus))
-
-
-def replica_device(cfg: ModelConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=10)
 class Embedder:
     """Embeds texts or token ids with dynamic batching across concurrent requests."""
 
     def __init__(self, cfg: ModelConfig):
-        torch.set_num_threads(replica_threads())
+        torch.set_num_threads(replica_threads(cfg))
         self.cfg = cfg
         root = resolve_source(cfg.source)
         self.model = EmbeddingModel(root, device=replica_device(cfg), max_input_tokens=cfg.max_input_tokens)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.params import SamplingParams
+
 
 @dataclass(frozen=True)
 class EmbedJob:
@@ -25,10 +27,35 @@ class EmbedResult:
 
 
 @dataclass(frozen=True)
+class GenerateJob:
+    """One request: several prompts (text or token ids), or one chat conversation, each sampled `n` times."""
+
+    params: SamplingParams
+    prompts: list[str | list[int]] | None = None
+    messages: list[dict[str, str]] | None = None
+    n: int = 1
+
+    def __len__(self) -> int:
+        return (len(self.prompts) if self.prompts is not None else 1) * self.n
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """New text for choice `index`; `finish_reason` set on its last chunk."""
+
+    index: int
+    text: str
+    finish_reason: str | None  # "stop" | "length" | None while running
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     task: str
     root: str  # the resolved local checkpoint directory
-    dim: int
-    max_input_tokens: int
+    dim: int | None  # embedding width; None for generation
+    max_input_tokens: int  # embed: per input; generate: the context (prompt + completion)
     vocab_size: int
+    has_chat_template: bool = False

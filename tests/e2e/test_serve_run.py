@@ -27,4 +27,11 @@ def test_openai_client_embeddings_match_sentence_transformers(served, reference)
     result = client.embeddings.create(model=MODEL, input=texts)
     got = np.array([d.embedding for d in result.data])
     assert cosine(got, reference(texts)).min() >= 0.999
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, "tiny-lm"]
+
+
+def test_openai_client_streams_a_completion(served):
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0)
+    stream = client.completions.create(model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text

@@ -1,0 +1,144 @@
+"""OpenAI-compatible completions and chat completions over the registry: whole responses and
+server-sent event streams (OpenAI's chunk format, ending `data: [DONE]`)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from app.completion_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from app.errors import RayInferError, kind_of, openai_error_body
+from app.registry import ModelRegistry, as_rayinfer_error
+from deployments.types import GenerateChunk, GenerateJob
+from models.params import SamplingParams
+
+
+def to_job(req: CompletionRequest | ChatCompletionRequest) -> GenerateJob:
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return GenerateJob(params=_params(req, max_tokens), messages=messages, n=req.n)
+    prompts = req.prompt
+    if isinstance(prompts, str) or isinstance(prompts[0], int):
+        prompts = [prompts]
+    return GenerateJob(params=_params(req, req.max_tokens), prompts=list(prompts), n=req.n)
+
+
+def _params(req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ())
+    )
+
+
+class Completion:
+    """One request's response in OpenAI's shape: `text_completion` or `chat.completion`."""
+
+    def __init__(self, req: CompletionRequest | ChatCompletionRequest):
+        self.chat = isinstance(req, ChatCompletionRequest)
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = req.model
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.prompt_tokens: dict[int, int] = {}
+        self.completion_tokens: dict[int, int] = {}
+
+    def count(self, chunk: GenerateChunk) -> None:
+        self.prompt_tokens[chunk.index] = chunk.prompt_tokens
+        self.completion_tokens[chunk.index] = chunk.completion_tokens
+
+    def usage(self, n: int) -> dict:
+        # Each prompt counts once, however many choices (n) sample it.
+        prompt = sum(t for i, t in self.prompt_tokens.items() if i % n == 0)
+        completion = sum(self.completion_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def body(self, choices: list[dict], usage: dict | None) -> dict:
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                "usage": usage}
+
+    def choice(self, index: int, text: str, finish: str | None) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return json.dumps(body, separators=(",", ":"))
+
+    def delta(self, index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+async def complete(registry: ModelRegistry, req: CompletionRequest | ChatCompletionRequest) -> dict:
+    registry.model(req.model, task="generate")
+    job, out = to_job(req), Completion(req)
+    texts: dict[int, list[str]] = {i: [] for i in range(len(job))}
+    finish: dict[int, str | None] = {}
+    async for item in registry.generate(req.model, job):
+        if isinstance(item, RayInferError):
+            raise item
+        for chunk in item:
+            texts[chunk.index].append(chunk.text)
+            out.count(chunk)
+            if chunk.finish_reason is not None:
+                finish[chunk.index] = chunk.finish_reason
+    choices = [out.choice(i, "".join(parts), finish.get(i)) for i, parts in texts.items()]
+    return out.body(choices, out.usage(job.n))
+
+
+async def first_item(registry: ModelRegistry, req: CompletionRequest | ChatCompletionRequest):
+    """Start a stream and wait for its first item, so a client error is still a plain 4xx, not a broken stream."""
+    registry.model(req.model, task="generate")
+    job = to_job(req)
+    stream = registry.generate(req.model, job).__aiter__()
+    first = await anext(stream)
+    if isinstance(first, RayInferError):
+        await stream.aclose()
+        raise first
+    return job, first, stream
+
+
+async def sse_events(
+    req: CompletionRequest | ChatCompletionRequest, job: GenerateJob, first: list[GenerateChunk], stream: AsyncIterator
+) -> AsyncIterator[str]:
+    """The `data:` payloads of one stream; the caller's SSE response frames them."""
+    out = Completion(req)
+    try:
+        if out.chat:
+            yield out.chunk([out.delta(i, None, None, role=True) for i in range(len(job))])
+        item = first
+        while True:
+            # One delta per choice: the replica may have coalesced several steps of one choice.
+            merged: dict[int, tuple[str, str | None]] = {}
+            for chunk in item:
+                out.count(chunk)
+                text, _ = merged.get(chunk.index, ("", None))
+                merged[chunk.index] = (text + chunk.text, chunk.finish_reason)
+            deltas = [out.delta(i, text, finish) for i, (text, finish) in merged.items() if text or finish]
+            if deltas:  # text held back (a possible stop string, half a character) sends nothing yet
+                yield out.chunk(deltas)
+            item = await anext(stream, None)
+            if item is None:
+                break
+            if isinstance(item, RayInferError):
+                raise item
+        if out.include_usage:
+            yield out.chunk([], out.usage(job.n))
+    except Exception as exc:  # after the first byte the status is sent: report in-band, as OpenAI does
+        mapped = as_rayinfer_error(exc)
+        if not isinstance(mapped, RayInferError):
+            raise
+        yield json.dumps(openai_error_body(mapped.message, kind_of(mapped), mapped.param))
+    finally:
+        await stream.aclose()
+    yield "[DONE]"
