@@ -87,7 +87,9 @@ def rayinfer_config(variant: dict) -> dict:
     config = serve_config_on(free_port())
     app = config["applications"][0]
     app["args"] = {**app["args"], **variant.get("args", {})}
-    app["args"]["models"] = [{**m, **variant.get("model", {})} for m in app["args"]["models"]]
+    # The embedding model alone: the generation model's replica would idle beside it.
+    app["args"]["models"] = [{**m, **variant.get("model", {})} for m in app["args"]["models"] if m["task"] == "embed"]
+    app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("Generator-")]
     for d in app["deployments"]:
         d.update(copy.deepcopy(variant.get("deployments", {}).get(d["name"], {})))
     return config

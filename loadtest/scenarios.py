@@ -57,7 +57,7 @@ class Completions:
 
     async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
         body = {"model": self.model, "prompt": sentence(i), "max_tokens": self.max_tokens, "stream": True,
-                "temperature": 0}
+                "temperature": 0, "stream_options": {"include_usage": True}}
         start = time.perf_counter()
         out = Outcome(status="stream")
         last = None
@@ -70,15 +70,21 @@ class Completions:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    out.status = "stream error"
+                    return out
+                if chunk.get("usage"):  # the last chunk: the server's own token count
+                    out.tokens = chunk["usage"]["completion_tokens"]
                 if not any(c.get("text") for c in chunk.get("choices", [])):
                     continue
+                # A chunk may carry several tokens when the server coalesced decode steps; the
+                # gap between chunks is what the client sees, so that is the inter-token latency.
                 now = time.perf_counter()
                 if last is None:
                     out.ttft_s = now - start
                 else:
                     out.itl_s.append(now - last)
                 last = now
-                out.tokens += 1
         return out
 
 

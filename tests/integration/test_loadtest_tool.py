@@ -27,3 +27,13 @@ def test_closed_loop_counts_items(serve_url, tmp_path):
     result = json.loads(out.read_text())
     assert rc == 0 and result["mode"] == "closed-loop" and result["ok"] > 0
     assert result["items_per_s"] == round(result["ok"] * 8 / 3, 2)
+
+
+def test_completions_scenario_measures_tokens_and_first_token(serve_url, tmp_path):
+    out = tmp_path / "completions.json"
+    rc = main(["--url", serve_url, "--scenario", "completions", "--concurrency", "2", "--max-tokens", "16",
+               "--duration", "3", "--warmup", "1", "--quiet", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["scenario"] == "completions" and result["errors_by_status"] == {}
+    assert result["ok"] > 0 and 0 < result["tokens_per_s"] <= result["ok"] * 16 / 3
+    assert 0 < result["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
