@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from app import metrics
 from app.completion_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.errors import RayInferError, kind_of, openai_error_body
 from app.registry import ModelRegistry, as_rayinfer_error
@@ -113,6 +114,7 @@ async def sse_events(
 ) -> AsyncIterator[str]:
     """The `data:` payloads of one stream; the caller's SSE response frames them."""
     out = Completion(req)
+    request = metrics.CURRENT.get()  # for time to first token
     try:
         if out.chat:
             yield out.chunk([out.delta(i, None, None, role=True) for i in range(len(job))])
@@ -126,6 +128,9 @@ async def sse_events(
                 merged[chunk.index] = (text + chunk.text, chunk.finish_reason)
             deltas = [out.delta(i, text, finish) for i, (text, finish) in merged.items() if text or finish]
             if deltas:  # text held back (a possible stop string, half a character) sends nothing yet
+                if request is not None:
+                    metrics.ingress().ttft.observe(time.perf_counter() - request.start, {"model": out.model})
+                    request = None
                 yield out.chunk(deltas)
             item = await anext(stream, None)
             if item is None:

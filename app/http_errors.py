@@ -11,6 +11,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from app.errors import INTERNAL, InvalidInput, Overloaded, PayloadTooLarge, RayInferError, kind_of, openai_error_body
+from app.metrics import label_error
 from app.registry import as_rayinfer_error
 from app.schemas import ErrorResponse
 
@@ -30,6 +31,7 @@ ERROR_RESPONSES = {
 
 def error_response(exc: RayInferError) -> JSONResponse:
     kind = kind_of(exc)
+    label_error(kind.code)
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
     return JSONResponse(openai_error_body(exc.message, kind, exc.param), status_code=kind.http_status, headers=headers)
 
@@ -43,6 +45,7 @@ async def _on_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _internal(request: Request, exc: BaseException) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    label_error(INTERNAL.code)
     return JSONResponse(openai_error_body("internal server error", INTERNAL), status_code=500)
 
 

@@ -14,6 +14,7 @@ from app.completion_schemas import ChatCompletionRequest, ChatCompletionResponse
 from app.completions import complete, first_item, sse_events
 from app.config import AppConfig
 from app.http_errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
+from app.http_metrics import MetricsMiddleware
 from app.openai_api import create_embeddings, list_models
 from app.registry import ModelRegistry
 from app.schemas import EmbeddingRequest, EmbeddingResponse, ModelList
@@ -21,6 +22,7 @@ from app.schemas import EmbeddingRequest, EmbeddingResponse, ModelList
 api = FastAPI(title="rayinfer", version="0.1.0", description="OpenAI-compatible model serving on Ray Serve.")
 api.state.max_request_bytes = AppConfig.model_fields["max_request_bytes"].default
 api.add_middleware(BodyLimitMiddleware, limit_of=lambda: api.state.max_request_bytes)
+api.add_middleware(MetricsMiddleware)  # added last: outermost, so it also times 413s and 400s
 install_error_handlers(api)
 
 

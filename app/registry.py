@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from app.config import AppConfig, ModelConfig
 from app.edge_batch import EdgeBatcher
 from app.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError
+from app.metrics import label_model
 from deployments.types import EmbedJob, EmbedResult, GenerateChunk, GenerateJob, ModelInfo
 
 
@@ -80,6 +81,7 @@ class ModelRegistry:
         if cfg is None or cfg.task != task:
             served = ", ".join(n for n, m in self._models.items() if m.task == task)
             raise ModelNotFound(f"The model `{name}` does not exist or does not serve {task!r}; served: {served}", "model")
+        label_model(cfg.name)
         return cfg
 
     async def info(self, name: str, timeout_s: float | None = None) -> ModelInfo:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import torch
 from ray import serve
 
+from app import metrics
 from app.config import ModelConfig
 from app.errors import InputTooLong, InvalidInput, RayInferError
 from deployments.replica import replica_device, replica_threads
@@ -36,6 +38,8 @@ class Embedder:
             vocab_size=self.model.vocab_size,
         )
         self._stats = {"batches": 0, "jobs": 0, "max_jobs_per_batch": 0}
+        self._metrics = metrics.model()
+        self._tags = metrics.phase_tags(cfg.name, ("queue", "tokenize", "inference"))
         self._batch.set_max_batch_size(cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         logger.info("Embedder %s loaded from %s on %s, %d threads", cfg.name, root, self.model.device, torch.get_num_threads())
@@ -53,14 +57,19 @@ class Embedder:
         Errors are returned, not raised: a client's mistake is not a replica failure, and
         raising would log a server traceback for every bad request.
         """
-        return (await self._batch([job]))[0]
+        return (await self._batch((time.perf_counter(), [job])))[0]
 
     async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
         """Several requests' jobs in one call: what the ingress's edge batcher sends."""
-        return await self._batch(jobs)
+        return await self._batch((time.perf_counter(), jobs))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batch(self, groups: list[list[EmbedJob]]) -> list[list[EmbedResult | RayInferError]]:
+    async def _batch(self, groups: list[tuple[float, list[EmbedJob]]]) -> list[list[EmbedResult | RayInferError]]:
+        """Each group: (arrival time, jobs) of one call."""
+        start = time.perf_counter()
+        for arrived, _ in groups:
+            self._metrics.phase.observe(start - arrived, self._tags["queue"])
+        groups = [group for _, group in groups]
         jobs = [job for group in groups for job in group]
         self._stats["batches"] += 1
         self._stats["jobs"] += len(jobs)
@@ -75,9 +84,17 @@ class Embedder:
     async def _run(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
         # Tokenize and check every job first; a bad job gets its own error and is left
         # out of the forward pass, so it never fails the others batched with it.
+        start = time.perf_counter()
         prepared: list[list[list[int]] | RayInferError] = [self._prepare(job) for job in jobs]
         flat = [ids for p in prepared if not isinstance(p, RayInferError) for ids in p]
+        tokenized = time.perf_counter()
         vectors = await asyncio.to_thread(self.model.embed_ids, flat, self.cfg.max_batch_size) if flat else None
+        m, model_tag = self._metrics, self._tags["model"]
+        m.phase.observe(tokenized - start, self._tags["tokenize"])
+        if flat:
+            m.phase.observe(time.perf_counter() - tokenized, self._tags["inference"])
+            m.batch_size.observe(len(flat), model_tag)
+            m.input_tokens.inc(sum(map(len, flat)), model_tag)
         results: list[EmbedResult | RayInferError] = []
         offset = 0
         for p in prepared:

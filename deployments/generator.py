@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from dataclasses import replace
 from typing import AsyncIterator
@@ -21,6 +22,7 @@ from typing import AsyncIterator
 import torch
 from ray import serve
 
+from app import metrics
 from app.config import ModelConfig
 from app.errors import InputTooLong, InvalidInput, ModelNotReady, RayInferError
 from deployments.replica import replica_device, replica_threads
@@ -56,6 +58,8 @@ class Generator:
         self._wake = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = {"tokens": 0, "steps": 0, "max_running": 0}
+        self._metrics = metrics.model()
+        self._tags = metrics.phase_tags(cfg.name, ("tokenize", "first_token", "step"))
         threading.Thread(target=self._run_engine, name="engine", daemon=True).start()
         logger.info("Generator %s loaded from %s on %s, context %d", cfg.name, root, self.lm.device, self.context)
 
@@ -69,7 +73,9 @@ class Generator:
     async def generate(self, job: GenerateJob) -> AsyncIterator[list[GenerateChunk] | RayInferError]:
         """Stream the job's chunks; a client error is the first and only item, as a value."""
         self._loop = asyncio.get_running_loop()
+        arrived = time.perf_counter()
         seqs = self._prepare(job)
+        self._metrics.phase.observe(time.perf_counter() - arrived, self._tags["tokenize"])
         if isinstance(seqs, RayInferError):
             yield seqs
             return
@@ -79,8 +85,10 @@ class Generator:
         for seq_id, (prompt, params) in zip(ids, seqs):
             self._queues[seq_id] = queue
             self.engine.add(seq_id, prompt, params)
+        self._metrics.input_tokens.inc(sum(len(p) for p, _ in seqs), self._tags["model"])
         self._wake.set()
         running = set(ids)
+        first = True
         last_yield = 0.0  # the first chunk leaves at once: time to first token is not delayed
         try:
             while running:
@@ -93,6 +101,9 @@ class Generator:
                 while not queue.empty():
                     outs.append(queue.get_nowait())
                 chunks = []
+                if first:  # arrival at the replica to the first token: waiting, admission, prefill
+                    self._metrics.phase.observe(time.perf_counter() - arrived, self._tags["first_token"])
+                    first = False
                 for out in outs:
                     if out.finish_reason == "error":
                         yield ModelNotReady("generation failed on the replica; retry")
@@ -146,13 +157,18 @@ class Generator:
         return seqs
 
     def _run_engine(self) -> None:
+        last_step = None
         while True:
             self._wake.clear()
             if not self.engine.has_work():
                 self._wake.wait()
+                last_step = None
                 continue
             try:
+                start = time.perf_counter()
                 outputs = self.engine.step()
+                self._record_step(outputs, start, last_step)
+                last_step = start
             except Exception:  # a bug or a device failure: fail the batch, keep serving
                 logger.exception("decode step failed; failing the running sequences")
                 outputs = [StepOutput(seq_id, "", None, "error") for seq_id in self.engine.drop_all()]
@@ -161,6 +177,15 @@ class Generator:
             self._stats["max_running"] = max(self._stats["max_running"], len(outputs))
             if outputs and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _record_step(self, outputs: list[StepOutput], start: float, last_step: float | None) -> None:
+        m, model_tag = self._metrics, self._tags["model"]
+        m.phase.observe(time.perf_counter() - start, self._tags["step"])
+        if last_step is not None:
+            m.itl.observe(start - last_step, model_tag)
+        if outputs:
+            m.batch_size.observe(len(outputs), model_tag)
+            m.output_tokens.inc(len(outputs), model_tag)
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
