@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Foreground, HTTP on 127.0.0.1:8000 (see serve_config.yaml). Ctrl-C stops it.
-# HAProxy replaces Serve's Python proxy (README "Operating it"; loadtest/servers.py SERVE_ENV).
+# The cluster environment (HAProxy, latency buckets) is loadtest/servers.py's SERVE_ENV.
 serve: setup
-	RAY_SERVE_ENABLE_HA_PROXY=1 $(VENV)/bin/serve run serve_config.yaml
+	env $$($(PY) -m loadtest.servers) $(VENV)/bin/serve run serve_config.yaml
 
 # Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
 # not share a machine-wide Ray session with the integration tests' cluster.

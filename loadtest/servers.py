@@ -16,12 +16,18 @@ from typing import Iterator
 import httpx
 import yaml
 
+from app.metrics import RAY_SERVE_LATENCY_BUCKETS_MS
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# The cluster environment `make serve` uses (keep the Makefile's `serve` target in step):
-# HAProxy in front of the ingress replicas instead of Serve's Python proxy (BENCHMARKS.md).
-SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# The cluster environment `make serve` uses (the Makefile prints it with `python -m loadtest.servers`):
+# HAProxy in front of the ingress replicas instead of Serve's Python proxy (BENCHMARKS.md), and
+# Ray's own request-latency histograms with buckets dense enough for a p99 (app/metrics.py).
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS": RAY_SERVE_LATENCY_BUCKETS_MS,
+}
 
 
 def free_port() -> int:
@@ -62,7 +68,7 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
     config_path.write_text(yaml.safe_dump(config))
     log_path = log_dir / "serve.log"
     # RAY_ADDRESS=local: a new cluster, never someone else's running one.
-    full_env = {**os.environ, "RAY_ADDRESS": "local", **SERVE_ENV, **(env or {})}
+    full_env = {**os.environ, "RAY_ADDRESS": "local", **SERVE_ENV, **private_ports(), **(env or {})}
     with log_path.open("w") as log:
         proc = subprocess.Popen([str(BIN / "serve"), "run", str(config_path)], cwd=ROOT, env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -72,7 +78,16 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
         yield url
     finally:
         stop(proc)
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=full_env)
+        # Whatever of that cluster outlived `serve run` (its process group), and nothing else:
+        # `ray stop` would kill every Ray cluster on the machine.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def private_ports() -> dict[str, str]:
+    """HAProxy's stats and metrics listeners on free ports (default 8404 and 9101, on all
+    interfaces), so that two clusters on one machine (tests beside `make serve`) do not collide."""
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
 def serve_config_on(port: int) -> dict:
@@ -80,3 +95,7 @@ def serve_config_on(port: int) -> dict:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     return config
+
+
+if __name__ == "__main__":  # `env $(python -m loadtest.servers) serve run ...`: what `make serve` does
+    print(" ".join(f"{k}={v}" for k, v in SERVE_ENV.items()))

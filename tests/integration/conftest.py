@@ -17,7 +17,7 @@ from ray.serve._private import api as serve_api
 from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.schema import ServeDeploySchema
 
-from loadtest.servers import SERVE_ENV
+from loadtest.servers import SERVE_ENV, private_ports
 from tests.helpers import free_port, serve_config_on
 
 APP = "rayinfer"
@@ -28,7 +28,11 @@ def serve_url():
     port = free_port()
     config = ServeDeploySchema.model_validate(serve_config_on(port))
     os.environ.update(SERVE_ENV)  # the cluster inherits it, as with `make serve`
-    ray.init(address="local", namespace=SERVE_NAMESPACE, include_dashboard=False, log_to_driver=True)
+    os.environ.update(private_ports())
+    # The dashboard (on a free port, loopback) writes the Prometheus service-discovery file, as
+    # with `serve run`. Metrics reach the agent every second (default 10 s): the Prometheus test waits less.
+    ray.init(address="local", namespace=SERVE_NAMESPACE, include_dashboard=True, dashboard_port=free_port(),
+             log_to_driver=True, _system_config={"metrics_report_interval_ms": 1000})
     client = serve_api.serve_start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
     client.deploy_apps(config, _blocking=False)
 

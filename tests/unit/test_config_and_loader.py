@@ -75,3 +75,9 @@ def test_hub_id_offline_says_why(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="neither a local directory nor a Hugging Face id"):
         resolve_source("rayinfer-test/definitely-not-cached")
+
+
+def test_committed_dashboard_is_the_generators_output():
+    from monitoring.build_dashboards import OUT, render
+
+    assert OUT.read_text() == render(), "run `python -m monitoring.build_dashboards` and commit the JSON"
