@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Foreground, HTTP on 127.0.0.1:8000 (see serve_config.yaml). Ctrl-C stops it.
+# Foreground, HTTP on 127.0.0.1:8000 and gRPC on :9000 (see serve_config.yaml). Ctrl-C stops it.
 # HAProxy replaces Serve's Python proxy (README "Operating it"; loadtest/servers.py SERVE_ENV).
 serve: setup
 	RAY_SERVE_ENABLE_HA_PROXY=1 $(VENV)/bin/serve run serve_config.yaml
