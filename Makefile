@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test test-unit bench clean
+.PHONY: setup serve test test-unit bench clean protos
 
 TINY_LM := artifacts/models/tiny-lm
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Foreground, HTTP on 127.0.0.1:8000 (see serve_config.yaml). Ctrl-C stops it.
+# Foreground, HTTP on 127.0.0.1:8000 and gRPC on :9000 (see serve_config.yaml). Ctrl-C stops it.
 # The cluster environment (HAProxy, latency buckets) is loadtest/servers.py's SERVE_ENV.
 serve: setup
 	env $$($(PY) -m loadtest.servers) $(VENV)/bin/serve run serve_config.yaml
@@ -37,6 +37,11 @@ test-unit: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Regenerates the committed gRPC stubs (app/protos/*_pb2*.py) after an edit of the .proto;
+# nothing is generated at run time. Run from the repository root so they import as app.protos.
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. app/protos/grpc_predict_v2.proto
 
 # Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
 # (one-at-a-time generate vs continuous batching at 1-32 streams): ~9 minutes.

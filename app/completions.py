@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from app import metrics
 from app.completion_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -80,20 +80,29 @@ class Completion:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-async def complete(registry: ModelRegistry, req: CompletionRequest | ChatCompletionRequest) -> dict:
-    registry.model(req.model, task="generate")
-    job, out = to_job(req), Completion(req)
+async def collect(
+    registry: ModelRegistry, model: str, job: GenerateJob, on_chunk: Callable[[GenerateChunk], None] | None = None
+) -> tuple[list[str], list[str | None]]:
+    """Run a job to its end: each choice's whole text and finish reason, in choice order."""
     texts: dict[int, list[str]] = {i: [] for i in range(len(job))}
     finish: dict[int, str | None] = {}
-    async for item in registry.generate(req.model, job):
+    async for item in registry.generate(model, job):
         if isinstance(item, RayInferError):
             raise item
         for chunk in item:
             texts[chunk.index].append(chunk.text)
-            out.count(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
             if chunk.finish_reason is not None:
                 finish[chunk.index] = chunk.finish_reason
-    choices = [out.choice(i, "".join(parts), finish.get(i)) for i, parts in texts.items()]
+    return ["".join(texts[i]) for i in range(len(job))], [finish.get(i) for i in range(len(job))]
+
+
+async def complete(registry: ModelRegistry, req: CompletionRequest | ChatCompletionRequest) -> dict:
+    registry.model(req.model, task="generate")
+    job, out = to_job(req), Completion(req)
+    texts, finish = await collect(registry, req.model, job, out.count)
+    choices = [out.choice(i, text, reason) for i, (text, reason) in enumerate(zip(texts, finish))]
     return out.body(choices, out.usage(job.n))
 
 

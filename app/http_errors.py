@@ -10,7 +10,16 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from app.errors import INTERNAL, InvalidInput, Overloaded, PayloadTooLarge, RayInferError, kind_of, openai_error_body
+from app.errors import (
+    INTERNAL,
+    ErrorKind,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    RayInferError,
+    kind_of,
+    openai_error_body,
+)
 from app.metrics import label_error
 from app.registry import as_rayinfer_error
 from app.schemas import ErrorResponse
@@ -29,24 +38,32 @@ ERROR_RESPONSES = {
 }
 
 
-def error_response(exc: RayInferError) -> JSONResponse:
+def error_body(path: str, message: str, kind: ErrorKind, param: str | None = None) -> dict:
+    """The body each protocol's clients expect: OIP's `{"error": "..."}` under /v2, OpenAI's elsewhere."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": message}
+    return openai_error_body(message, kind, param)
+
+
+def error_response(exc: RayInferError, path: str = "") -> JSONResponse:
     kind = kind_of(exc)
     label_error(kind.code)
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
-    return JSONResponse(openai_error_body(exc.message, kind, exc.param), status_code=kind.http_status, headers=headers)
+    body = error_body(path, exc.message, kind, exc.param)
+    return JSONResponse(body, status_code=kind.http_status, headers=headers)
 
 
 async def _on_error(request: Request, exc: Exception) -> JSONResponse:
     mapped = as_rayinfer_error(exc)
     if isinstance(mapped, RayInferError):
-        return error_response(mapped)
+        return error_response(mapped, request.url.path)
     return _internal(request, exc)
 
 
 def _internal(request: Request, exc: BaseException) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     label_error(INTERNAL.code)
-    return JSONResponse(openai_error_body("internal server error", INTERNAL), status_code=500)
+    return JSONResponse(error_body(request.url.path, "internal server error", INTERNAL), status_code=500)
 
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -61,7 +78,7 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
     else:
         param = ".".join(loc)
         message = f"{param}: {err['msg'].removeprefix('Value error, ')}"
-    return error_response(InvalidInput(message, param))
+    return error_response(InvalidInput(message, param), request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -84,7 +101,7 @@ class BodyLimitMiddleware:
         limit = self.limit_of()
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await error_response(_too_large(limit))(scope, receive, send)
+            return await error_response(_too_large(limit), scope.get("path", ""))(scope, receive, send)
         seen = 0
 
         async def counted():

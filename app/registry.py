@@ -1,6 +1,6 @@
 """Protocol-independent core: which models exist, their handles, metadata and readiness.
 
-REST (and later gRPC) adapters call this; it knows nothing of HTTP.
+The REST and gRPC adapters call this; it knows nothing of HTTP or gRPC.
 """
 
 from __future__ import annotations
@@ -75,12 +75,13 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._models)
 
-    def model(self, name: Any, task: str) -> ModelConfig:
-        """The served model's config; ModelNotFound (404) if no model of that task has that name."""
+    def model(self, name: Any, task: str | None) -> ModelConfig:
+        """The served model's config; ModelNotFound (404) if no model (of that task, unless None) has that name."""
         cfg = self._models.get(name) if isinstance(name, str) else None
-        if cfg is None or cfg.task != task:
-            served = ", ".join(n for n, m in self._models.items() if m.task == task)
-            raise ModelNotFound(f"The model `{name}` does not exist or does not serve {task!r}; served: {served}", "model")
+        if cfg is None or task not in (None, cfg.task):
+            served = ", ".join(n for n, m in self._models.items() if task in (None, m.task))
+            serves = f" or does not serve {task!r}" if task else ""
+            raise ModelNotFound(f"The model `{name}` does not exist{serves}; served: {served}", "model")
         label_model(cfg.name)
         return cfg
 
@@ -94,9 +95,10 @@ class ModelRegistry:
                 raise ModelNotReady(f"model {name!r} did not answer within {timeout_s}s") from None
         return self._info[name]
 
-    async def not_ready(self) -> dict[str, str]:
-        """Models that cannot answer now, with why; empty when every model is ready."""
+    async def not_ready(self, names: list[str] | None = None) -> dict[str, str]:
+        """Models (of `names`, default all) that cannot answer now, with why; empty when all are ready."""
         timeout = self.config.ready_timeout_s
+        names = list(self._models) if names is None else names
 
         async def probe(name: str) -> str | None:
             response = self._handles[name].metadata.remote()
@@ -109,8 +111,8 @@ class ModelRegistry:
             except Exception as exc:  # any failure means not ready; report it
                 return f"{type(exc).__name__}: {exc}"
 
-        results = await asyncio.gather(*(probe(n) for n in self._models))
-        return {n: r for n, r in zip(self._models, results) if r is not None}
+        results = await asyncio.gather(*(probe(n) for n in names))
+        return {n: r for n, r in zip(names, results) if r is not None}
 
 
 async def _awaitable(response):

@@ -29,11 +29,25 @@ SERVE_ENV = {
     "RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS": RAY_SERVE_LATENCY_BUCKETS_MS,
 }
 
+# Ports HAProxy and Serve's fallback proxy otherwise take at fixed numbers (9101, 8404, 8500, 9500),
+# machine-wide: a test or bench cluster takes free ones, so it can run beside another Serve instance.
+FIXED_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_env() -> dict[str, str]:
+    """SERVE_ENV, with free ports for what would otherwise bind fixed ones."""
+    return {**SERVE_ENV, **{name: str(free_port()) for name in FIXED_PORT_VARS}}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 240) -> None:
@@ -68,7 +82,7 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
     config_path.write_text(yaml.safe_dump(config))
     log_path = log_dir / "serve.log"
     # RAY_ADDRESS=local: a new cluster, never someone else's running one.
-    full_env = {**os.environ, "RAY_ADDRESS": "local", **SERVE_ENV, **private_ports(), **(env or {})}
+    full_env = {**os.environ, "RAY_ADDRESS": "local", **serve_env(), **(env or {})}
     with log_path.open("w") as log:
         proc = subprocess.Popen([str(BIN / "serve"), "run", str(config_path)], cwd=ROOT, env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -84,16 +98,11 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def private_ports() -> dict[str, str]:
-    """HAProxy's stats and metrics listeners on free ports (default 8404 and 9101, on all
-    interfaces), so that two clusters on one machine (tests beside `make serve`) do not collide."""
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
-
-
-def serve_config_on(port: int) -> dict:
-    """The shipped serve_config.yaml with only the HTTP port changed."""
+def serve_config_on(port: int, grpc_port: int | None = None) -> dict:
+    """The shipped serve_config.yaml with only the HTTP and gRPC ports changed (gRPC: a free one by default)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
+    config["grpc_options"]["port"] = grpc_port or free_port()
     return config
 
 

@@ -1,14 +1,17 @@
 """What `make serve` does, end to end: `serve run serve_config.yaml` as a subprocess,
-then the official `openai` client against it. Runs in its own pytest process (see Makefile)
+then the official `openai` client and a standard Open Inference Protocol gRPC client against it. Runs in its own pytest process (see Makefile)
 because `serve run` starts its own Ray cluster.
 """
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import openai
 import pytest
 
+from app.protos import grpc_predict_v2_pb2 as pb
+from app.protos import grpc_predict_v2_pb2_grpc
 from loadtest.servers import free_port, serve_config_on, serve_run
 from tests.helpers import MODEL, cosine
 
@@ -16,8 +19,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    with serve_run(serve_config_on(free_port()), log_dir=tmp_path_factory.mktemp("serve")) as url:
+def grpc_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, grpc_port):
+    with serve_run(serve_config_on(free_port(), grpc_port), log_dir=tmp_path_factory.mktemp("serve")) as url:
         yield url
 
 
@@ -35,3 +43,18 @@ def test_openai_client_streams_a_completion(served):
     whole = client.completions.create(model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0)
     stream = client.completions.create(model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+
+
+def test_grpc_client_gets_the_openai_clients_vectors(served, grpc_port):
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    texts = ["Ray Serve scales replicas.", "bonjour"]
+    expected = np.array([d.embedding for d in client.embeddings.create(model=MODEL, input=texts).data])
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+        request = pb.ModelInferRequest(model_name=MODEL)
+        request.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend(
+            t.encode() for t in texts)
+        [out] = stub.ModelInfer(request, timeout=30).outputs
+    got = np.array(out.contents.fp32_contents).reshape(list(out.shape))
+    assert cosine(got, expected).min() >= 0.99999

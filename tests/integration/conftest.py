@@ -1,13 +1,14 @@
 """One real Ray cluster and one Serve instance for the whole integration session.
 
 Deployed exactly as `serve run serve_config.yaml` does (ServeDeploySchema → deploy_apps),
-from the real config file, with only the HTTP port changed to a free one.
+from the real config file, with only the HTTP and gRPC ports changed to free ones.
 """
 
 from __future__ import annotations
 
 import os
 
+import grpc
 import httpx
 import pytest
 import ray
@@ -17,23 +18,29 @@ from ray.serve._private import api as serve_api
 from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.schema import ServeDeploySchema
 
-from loadtest.servers import SERVE_ENV, private_ports
+from app.protos import grpc_predict_v2_pb2_grpc
+
+from loadtest.servers import serve_env
 from tests.helpers import free_port, serve_config_on
 
 APP = "rayinfer"
 
 
 @pytest.fixture(scope="session")
-def serve_url():
+def served():
+    """(HTTP URL, gRPC target) of the session's Serve instance."""
     port = free_port()
     config = ServeDeploySchema.model_validate(serve_config_on(port))
-    os.environ.update(SERVE_ENV)  # the cluster inherits it, as with `make serve`
-    os.environ.update(private_ports())
+    os.environ.update(serve_env())  # the cluster inherits it, as with `make serve`
     # The dashboard (on a free port, loopback) writes the Prometheus service-discovery file, as
     # with `serve run`. Metrics reach the agent every second (default 10 s): the Prometheus test waits less.
     ray.init(address="local", namespace=SERVE_NAMESPACE, include_dashboard=True, dashboard_port=free_port(),
              log_to_driver=True, _system_config={"metrics_report_interval_ms": 1000})
-    client = serve_api.serve_start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        grpc_options=config.grpc_options.model_dump(),
+        proxy_location=config.proxy_location,
+    )
     client.deploy_apps(config, _blocking=False)
 
     def running() -> bool:
@@ -43,9 +50,21 @@ def serve_url():
         return status is not None and status.status == "RUNNING"
 
     wait_for_condition(running, timeout=180, retry_interval_ms=500)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", f"127.0.0.1:{config.grpc_options.port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(served):
+    return served[0]
+
+
+@pytest.fixture(scope="session")
+def grpc_stub(served):
+    """A client of the standard `inference.GRPCInferenceService`, from the stubs of its .proto."""
+    with grpc.insecure_channel(served[1]) as channel:
+        yield grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
