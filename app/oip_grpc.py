@@ -10,12 +10,14 @@ their handle call when left early).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from app import oip
+from app import metrics, oip
 from app.errors import INTERNAL, InvalidInput, RayInferError, kind_of
 from app.oip_tensors import Tensor, from_elements, from_raw, to_raw
 from app.protos import grpc_predict_v2_pb2 as pb
@@ -99,14 +101,29 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode[INTERNAL.grpc_code], "internal server error"
 
 
-async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]]) -> M:
+async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc: str) -> M:
+    """Run one unary RPC: errors become the table's gRPC code; latency and errors are recorded as
+    for HTTP (route `grpc <RPC>`, status class from the table's HTTP status)."""
+    labels = metrics.RequestLabels(start=time.perf_counter())
+    token = metrics.CURRENT.set(labels)
+    recorder, status = metrics.ingress(), 200
+    recorder.started()
     try:
         return await make()
-    except Exception as exc:  # CancelledError (deadline, client gone) is not caught: the work stops
+    except asyncio.CancelledError:  # deadline or client gone: not caught, so the work stops
+        status, labels.error = 499, "cancelled"
+        raise
+    except Exception as exc:
+        mapped = as_rayinfer_error(exc)
+        kind = kind_of(mapped) if isinstance(mapped, RayInferError) else INTERNAL
+        status, labels.error = kind.http_status, kind.code
         code, message = status_of(exc)
         context.set_code(code)
         context.set_details(message)
         return empty
+    finally:
+        recorder.finished(f"grpc {rpc}", labels, status)
+        metrics.CURRENT.reset(token)
 
 
 class GRPCInferenceServicer:
@@ -124,7 +141,7 @@ class GRPCInferenceServicer:
         async def ready():
             return pb.ModelReadyResponse(ready=await oip.model_ready(self.registry, request.name, request.version))
 
-        return await _answer(grpc_context, pb.ModelReadyResponse(), ready)
+        return await _answer(grpc_context, pb.ModelReadyResponse(), ready, "ModelReady")
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         meta = oip.server_metadata()
@@ -142,14 +159,14 @@ class GRPCInferenceServicer:
                 outputs=[spec(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in meta.outputs],
             )
 
-        return await _answer(grpc_context, pb.ModelMetadataResponse(), describe)
+        return await _answer(grpc_context, pb.ModelMetadataResponse(), describe, "ModelMetadata")
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: Any = None) -> pb.ModelInferResponse:
         async def run():
             resp = await oip.infer(self.registry, request_from_proto(request))
             return response_to_proto(resp, raw=bool(request.raw_input_contents))
 
-        return await _answer(grpc_context, pb.ModelInferResponse(), run)
+        return await _answer(grpc_context, pb.ModelInferResponse(), run, "ModelInfer")
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], grpc_context: Any = None

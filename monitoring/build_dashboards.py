@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 OUT = Path(__file__).parent / "grafana" / "rayinfer.json"
-ROUTES = ["/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v2/models/{name}/infer"]
+ROUTES = ["/v1/embeddings", "/v1/completions", "/v1/chat/completions", "/v2/models/{name}/infer", "grpc ModelInfer"]
 SEL = 'application=~"$application"'
 MSEL = f'{SEL}, model=~"$model"'
 RATE = "[$__rate_interval]"
