@@ -1,10 +1,8 @@
 """Continuous batching: sequences join between decode steps and leave when finished.
 
-Prefill runs per sequence on its own prompt and gives it its own KV cache. Decoding sequences
-share one batch cache, left-padded to a common width, with the padding masked and every row
-given its own position ids, so a sequence's tokens never depend on what else is in the batch.
-The batch cache is rebuilt only when the batch changes (a sequence joins or leaves); between
-changes each step just appends to it. Bounded by `max_batch_size` sequences and `max_batch_tokens`
+The model runs through one or more `KVRunner`s (models/kv_runner.py), which hold the KV caches:
+one for a whole model, one per pipeline stage for a split one, the output of each feeding the
+next. Sampling, stop strings and detokenization happen here, on the last runner's logits. Bounded by `max_batch_size` sequences and `max_batch_tokens`
 (prompt + max_tokens summed over running sequences).
 
 Thread-safety: `add` and `abort` may be called from any thread; `step` from one thread.
@@ -17,10 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from models.causal_lm import CausalLM
+from models.kv_runner import KVRunner
 from models.params import SamplingParams
 
 
@@ -41,7 +38,6 @@ class _Seq:
     params: SamplingParams
     generator: torch.Generator | None
     out: list[int] = field(default_factory=list)
-    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # own KV cache until it joins the batch's
     text: str = ""  # decoded so far (incrementally: see _detokenize)
     prefix_offset: int = 0  # out[prefix_offset:read_offset] is the context the next token is decoded in
     read_offset: int = 0
@@ -54,19 +50,16 @@ class _Seq:
 
 
 class Engine:
-    def __init__(self, lm: CausalLM, max_batch_size: int = 32, max_batch_tokens: int = 65536):
-        self.lm = lm
+    def __init__(self, lm: CausalLM, max_batch_size: int = 32, max_batch_tokens: int = 65536,
+                 runners: list[KVRunner] | None = None):
+        self.lm = lm  # tokenizer, EOS ids; its weights are used only when no runners are given
+        self.runners = runners or [KVRunner(lm.model, lm.device)]
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
-        # The decoding sequences' shared cache; rebuilt when the batch changes.
-        self._batch: list[_Seq] = []
-        self._batch_ids: list[str] = []
-        self._cache: DynamicCache | None = None
-        self._mask = torch.zeros((0, 0), dtype=torch.long)
 
     def add(self, seq_id: str, prompt: list[int], params: SamplingParams) -> None:
         gen = None
@@ -98,24 +91,29 @@ class Engine:
             ids = [s.id for s in self._running] + [s.id for s in self._waiting]
             self._running, self._waiting = [], deque()
             self._aborted.clear()
-            self._batch, self._batch_ids, self._cache = [], [], None
+            for runner in self.runners:
+                runner.reset()
             return ids
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Admit waiting sequences (prefill), then one decode step for the others."""
-        admitted = self._admit()
+        admitted, gone = self._admit()
         decoding = [s for s in self._running if s not in admitted]
         outputs = [self._emit(s, self._prefill(s)) for s in admitted]
         if decoding:
             outputs += [self._emit(s, t) for s, t in zip(decoding, self._decode(decoding))]
-        elif self._cache is not None:  # nothing decoding: free the batch cache
-            self._batch, self._batch_ids, self._cache = [], [], None
+        gone += [s.id for s in self._running if s.finish is not None]
+        if gone:
+            for runner in self.runners:
+                runner.drop(gone)
         self._running = [s for s in self._running if s.finish is None]
         return outputs
 
-    def _admit(self) -> list[_Seq]:
+    def _admit(self) -> tuple[list[_Seq], list[str]]:
+        """Sequences admitted now, and the ids of aborted ones."""
         with self._lock:
+            gone = [s.id for s in self._running if s.id in self._aborted]
             if self._aborted:
                 self._running = [s for s in self._running if s.id not in self._aborted]
                 self._waiting = deque(s for s in self._waiting if s.id not in self._aborted)
@@ -130,51 +128,20 @@ class Engine:
                 budget -= cost
                 admitted.append(seq)
                 self._running.append(seq)
-            return admitted
+            return admitted, gone
 
     def _prefill(self, seq: _Seq) -> int:
-        ids = torch.tensor([seq.prompt], device=self.lm.device)
-        out = self.lm.model(input_ids=ids, use_cache=True)
-        seq.cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return self._sample(out.logits[:, -1], [seq])[0]
+        x = torch.tensor([seq.prompt], device=self.lm.device)
+        for runner in self.runners:
+            x = runner.prefill(seq.id, x)
+        return self._sample(x, [seq])[0]
 
     def _decode(self, seqs: list[_Seq]) -> list[int]:
-        if [s.id for s in seqs] != self._batch_ids:
-            self._rebuild(seqs)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(seqs), 1))], dim=1)
-        out = self.lm.model(
-            input_ids=torch.tensor([[s.out[-1]] for s in seqs], device=self.lm.device),
-            attention_mask=self._mask,
-            position_ids=torch.tensor([[s.length] for s in seqs], device=self.lm.device),
-            past_key_values=self._cache,
-            use_cache=True,
-        )
-        self._cache = out.past_key_values
-        return self._sample(out.logits[:, -1], seqs)
-
-    def _rebuild(self, seqs: list[_Seq]) -> None:
-        """A new batch cache for `seqs`: rows kept from the old one, new sequences' own caches."""
-        if self._cache is not None:
-            width = self._mask.shape[1]
-            for row, s in enumerate(self._batch):
-                if s.cache is None and s.finish is None:
-                    n = s.length
-                    s.cache = [(lay.keys[row : row + 1, :, width - n :], lay.values[row : row + 1, :, width - n :])
-                               for lay in self._cache.layers]
-        lengths = [s.length for s in seqs]
-        width = max(lengths)
-        layers = []
-        for layer in range(len(seqs[0].cache)):
-            ks = [F.pad(s.cache[layer][0], (0, 0, width - n, 0)) for s, n in zip(seqs, lengths)]
-            vs = [F.pad(s.cache[layer][1], (0, 0, width - n, 0)) for s, n in zip(seqs, lengths)]
-            layers.append((torch.cat(ks), torch.cat(vs)))
-        self._mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.lm.device)
-        for row, n in enumerate(lengths):
-            self._mask[row, width - n :] = 1
-        self._cache = DynamicCache(ddp_cache_data=layers)
-        self._batch, self._batch_ids = list(seqs), [s.id for s in seqs]
-        for s in seqs:
-            s.cache = None
+        ids, lengths = [s.id for s in seqs], [s.length for s in seqs]
+        x = torch.tensor([[s.out[-1]] for s in seqs], device=self.lm.device)
+        for runner in self.runners:
+            x = runner.decode(ids, x, lengths)
+        return self._sample(x, seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
         tokens = []

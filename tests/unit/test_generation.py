@@ -162,3 +162,24 @@ def test_chat_needs_a_chat_template(tmp_path):
     assert isinstance(err, InvalidInput) and err.param == "model" and "chat template" in err.message
     items = collect(replica(str(ensure())), job)
     assert items and not isinstance(items[0], Exception)
+
+
+# Pipeline stages in-process: the same engine over two stage runners instead of one whole model.
+
+
+def test_two_stages_give_the_whole_models_tokens(lm):
+    from models.stages import stage_runner
+
+    stages = [stage_runner(lm.path, 0, 2), stage_runner(lm.path, 2, 4)]
+    jobs = {f"s{i}": (lm.encode(p), SamplingParams(max_tokens=24, temperature=0 if i % 2 else 0.8, seed=i))
+            for i, p in enumerate(PROMPTS * 3)}
+    whole = run(Engine(lm, max_batch_size=7), jobs)
+    split = run(Engine(lm, max_batch_size=7, runners=stages), jobs)
+    assert split == whole
+
+
+def test_a_stage_range_outside_the_model_is_refused(lm):
+    from models.stages import load_stage
+
+    with pytest.raises(ValueError, match="not within the model's 4 layers"):
+        load_stage(lm.path, 2, 6)

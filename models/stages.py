@@ -1,0 +1,105 @@
+"""Load one pipeline stage of a causal LM: layers [start, end) of a checkpoint, nothing else.
+
+A stage is the checkpoint's own architecture with `num_hidden_layers = end - start`, so the
+model's own code computes rotary positions, masks and caches exactly as in the whole model:
+- the first stage keeps the token embeddings and takes token ids;
+- later stages take hidden states (`inputs_embeds`);
+- the last stage keeps the final norm and the head and returns logits; the others return
+  hidden states, with the final norm replaced by the identity.
+Only the stage's tensors are read from the safetensors files (sharded checkpoints included).
+Supported: architectures whose layers live in `model.layers` and whose embeddings add no
+position term (Llama, Mistral, Qwen2/3 families, tiny-lm); GPT-2 is not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from models.causal_lm import DTYPES
+from models.kv_runner import KVRunner
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def _shards(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> dict[str, torch.Tensor]:
+    """The stage's tensors, renamed as the truncated model names them (`model.` prefix kept)."""
+    wanted: dict[str, str] = {}  # checkpoint name -> stage name
+    for name in _shards(path):
+        m = LAYER.match(name)
+        if m:
+            i = int(m.group(1))
+            if start <= i < end:
+                wanted[name] = f"model.layers.{i - start}.{m.group(2)}"
+        elif name.startswith("model.embed_tokens.") and (first or (last and tied)):
+            wanted[name] = name
+        elif (name.startswith("model.norm.") or name.startswith("lm_head.")) and last:
+            wanted[name] = name
+    state, shards = {}, _shards(path)
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(shards[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, "pt") as f:
+            for name in names:
+                state[wanted[name]] = f.get_tensor(name)
+    return state
+
+
+def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, bool, bool]:
+    """The stage's model, and whether it is the first and the last stage."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    total = config.num_hidden_layers
+    if not 0 <= start < end <= total:
+        raise ValueError(f"layer range [{start}, {end}) is not within the model's {total} layers")
+    first, last = start == 0, end == total
+    config.num_hidden_layers = end - start
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[start:end]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    # Built for real (not on the meta device): rotary tables and other buffers that no checkpoint
+    # holds must be computed. Weights are then replaced by the checkpoint's.
+    model = AutoModelForCausalLM.from_config(config) if last else AutoModel.from_config(config)
+    if not hasattr(model, "model" if last else "layers"):
+        raise ValueError(f"{type(model).__name__}: pipeline stages need a Llama-like model (layers in model.layers)")
+    state = stage_state(path, start, end, first, last, tied)
+    if not last:  # the base model names its tensors without the `model.` prefix
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        model.norm = torch.nn.Identity()
+    if not first:
+        base = model.model if last else model
+        if not (last and tied):
+            base.embed_tokens = None  # hidden states come in; no embedding table needed
+    missing, unexpected = _load(model, state)
+    if missing or unexpected:
+        raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if last and tied:
+        model.tie_weights()
+    return model.to(device=device, dtype=DTYPES[dtype]).eval(), first, last
+
+
+def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]  # tied: filled by tie_weights
+    return missing, list(result.unexpected_keys)
+
+
+def stage_runner(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> KVRunner:
+    model, first, last = load_stage(path, start, end, device, dtype)
+    return KVRunner(model, torch.device(device), first=first, last=last)
