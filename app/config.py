@@ -83,6 +83,18 @@ class ModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="generate: weight dtype (bfloat16/float16 for GPUs)."
     )
+    pipeline_stages: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "generate: split the model into this many consecutive layer ranges, one `Stage<k>-<name>` "
+            "deployment each (Llama-like checkpoints); default boundaries balance parameter bytes."
+        ),
+    )
+    pipeline_boundaries: list[int] | None = Field(
+        None, description="generate: explicit first layer of stages 1..N-1 (N-1 increasing layer indices)."
+    )
     num_threads: int | None = Field(
         None, ge=1, le=256, description="Torch threads in the replica; default: the CPUs Ray assigned it."
     )
@@ -90,6 +102,17 @@ class ModelConfig(BaseModel):
     @property
     def deployment_name(self) -> str:
         return f"{DEPLOYMENT_PREFIX[self.task]}-{self.name}"
+
+    def stage_name(self, k: int) -> str:
+        return f"Stage{k}-{self.name}"
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> "ModelConfig":
+        if self.pipeline_stages > 1 and self.task != "generate":
+            raise ValueError("pipeline_stages > 1 is supported for task `generate` only")
+        if self.pipeline_boundaries is not None and len(self.pipeline_boundaries) != self.pipeline_stages - 1:
+            raise ValueError(f"pipeline_boundaries needs {self.pipeline_stages - 1} layer indices for {self.pipeline_stages} stages")
+        return self
 
 
 class AppConfig(BaseModel):

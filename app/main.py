@@ -6,10 +6,11 @@ from typing import Any
 
 from ray import serve
 
-from app.config import AppConfig
+from app.config import AppConfig, ModelConfig
 from app.ingress import Ingress
 from deployments.embedder import Embedder
 from deployments.generator import Generator
+from deployments.stage import Stage
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -26,7 +27,16 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             # Enough in flight per replica for a full batch to form, and the next to queue.
             max_ongoing_requests=max(64, 2 * m.max_batch_size),
         )
-        .bind(m)
+        .bind(m, *([stages(m)] if m.pipeline_stages > 1 else []))
         for m in config.models
     }
     return Ingress.bind(config, handles)
+
+
+def stages(m: ModelConfig) -> list:
+    """The model's Stage deployments, bound in order: Stage0-<name> (embeddings + first layers) … last (norm + head)."""
+    from models.pipeline_plan import load_config, plan
+
+    config = load_config(m.source)
+    layout = plan(config, m.pipeline_stages, m.dtype, m.pipeline_boundaries)
+    return [Stage.options(name=m.stage_name(s.index)).bind(m, s.index, *s.layers) for s in layout.stages]

@@ -26,6 +26,7 @@ from app import metrics
 from app.config import ModelConfig
 from app.errors import InputTooLong, InvalidInput, ModelNotReady, RayInferError
 from deployments.replica import replica_device, replica_threads
+from deployments.stage import RemoteRunner
 from deployments.types import GenerateChunk, GenerateJob, ModelInfo
 from models.causal_lm import CausalLM
 from models.generation import Engine, StepOutput
@@ -38,13 +39,16 @@ logger = logging.getLogger("ray.serve")
 class Generator:
     """Completions with continuous batching; streams chunks or returns whole choices."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, stages: list | None = None):
+        """stages: the handles of the model's Stage deployments, in order, when it is split."""
         torch.set_num_threads(replica_threads(cfg))
         self.cfg = cfg
         root = resolve_source(cfg.source)
-        self.lm = CausalLM(root, device=replica_device(cfg), dtype=cfg.dtype)
+        self.lm = CausalLM(root, device=replica_device(cfg), dtype=cfg.dtype, weights=not stages)
         self.context = min(cfg.max_input_tokens or self.lm.max_context, self.lm.max_context)
-        self.engine = Engine(self.lm, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens)
+        runners = [RemoteRunner(h) for h in stages] if stages else None
+        self.engine = Engine(self.lm, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
+                             runners=runners)
         self.info = ModelInfo(
             name=cfg.name,
             task=cfg.task,

@@ -5,18 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CausalLM:
-    def __init__(self, path: Path, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, path: Path, device: str = "cpu", dtype: str = "float32", weights: bool = True):
+        """weights=False: tokenizer and config only (the weights live in pipeline stages)."""
         self.path = Path(path)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype]).to(self.device).eval()
-        cfg = self.model.config
+        self.model = None
+        if weights:
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype]).to(self.device).eval()
+        cfg = self.model.config if self.model is not None else AutoConfig.from_pretrained(self.path)
         self.max_context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024))
         eos = cfg.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

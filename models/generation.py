@@ -134,14 +134,14 @@ class Engine:
         x = torch.tensor([seq.prompt], device=self.lm.device)
         for runner in self.runners:
             x = runner.prefill(seq.id, x)
-        return self._sample(x, [seq])[0]
+        return self._sample(_resolved(x), [seq])[0]
 
     def _decode(self, seqs: list[_Seq]) -> list[int]:
         ids, lengths = [s.id for s in seqs], [s.length for s in seqs]
         x = torch.tensor([[s.out[-1]] for s in seqs], device=self.lm.device)
         for runner in self.runners:
             x = runner.decode(ids, x, lengths)
-        return self._sample(x, seqs)
+        return self._sample(_resolved(x), seqs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
         tokens = []
@@ -188,6 +188,11 @@ class Engine:
             s.prefix_offset, s.read_offset = s.read_offset, len(s.out)
             return after[len(before) :]
         return ""
+
+
+def _resolved(x):
+    """A remote stage's answer (anything with .result(), e.g. a DeploymentResponse) as a tensor."""
+    return x if isinstance(x, torch.Tensor) else x.result()
 
 
 def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:

@@ -37,18 +37,21 @@ def test_bad_config_is_rejected_naming_the_problem(args, words):
     assert words in str(e.value)
 
 
-def test_serve_config_validates_against_ray_schema_and_ours():
-    raw = yaml.safe_load(SERVE_CONFIG.read_text())
+@pytest.mark.parametrize("path", [SERVE_CONFIG, SERVE_CONFIG.with_name("serve_config.gpu.yaml")])
+def test_serve_config_validates_against_ray_schema_and_ours(path):
+    raw = yaml.safe_load(path.read_text())
     deploy = ServeDeploySchema.model_validate(raw)
     assert deploy.http_options.host == "127.0.0.1"
     assert deploy.logging_config.enable_access_log is False
     (app,) = deploy.applications
     config = AppConfig.model_validate(app.args)
     # Every override in the file names a deployment the graph really has.
-    graph_names = {"Ingress"} | {m.deployment_name for m in config.models}
+    graph_names = {"Ingress"} | {m.deployment_name for m in config.models} | {
+        m.stage_name(k) for m in config.models for k in range(m.pipeline_stages)
+    }
     assert {d.name for d in app.deployments} <= graph_names
     for d in app.deployments:
-        if d.name != "Ingress":
+        if d.name != "Ingress" and not d.name.startswith("Stage"):
             model = next(m for m in config.models if m.deployment_name == d.name)
             assert d.max_ongoing_requests >= model.max_batch_size, "batch size unreachable"
 
