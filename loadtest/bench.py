@@ -89,7 +89,8 @@ def rayinfer_config(variant: dict) -> dict:
     app["args"] = {**app["args"], **variant.get("args", {})}
     # The embedding model alone: the generation model's replica would idle beside it.
     app["args"]["models"] = [{**m, **variant.get("model", {})} for m in app["args"]["models"] if m["task"] == "embed"]
-    app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("Generator-")]
+    keep = {"Ingress"} | {f"Embedder-{m['name']}" for m in app["args"]["models"]}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in keep]
     for d in app["deployments"]:
         d.update(copy.deepcopy(variant.get("deployments", {}).get(d["name"], {})))
     return config

@@ -60,7 +60,7 @@ def generation_only_config(**model_args) -> dict:
     app = config["applications"][0]
     app["args"]["models"] = [{**m, **model_args} for m in app["args"]["models"]
                              if m["task"] == "generate" and m["name"] == MODEL]
-    app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("Embedder-")]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", f"Generator-{MODEL}")]
     return config
 
 
