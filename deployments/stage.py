@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import ray
 import torch
 from ray import serve
 
@@ -48,8 +49,9 @@ class Stage:
         with self._lock:
             self.runner.reset()
 
-    def info(self) -> tuple[int, int]:
-        return self.layers
+    def info(self) -> dict:
+        """Its layer range, and the Ray node it runs on."""
+        return {"layers": self.layers, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 class RemoteRunner:

@@ -13,7 +13,7 @@ APP = "rayinfer"
 def test_stages_are_deployments_of_their_own(serve_url):
     deployments = serve.status().applications[APP].deployments
     assert {"Stage0-tiny-lm-pipeline", "Stage1-tiny-lm-pipeline", "Generator-tiny-lm-pipeline"} <= set(deployments)
-    layers = [serve.get_deployment_handle(f"Stage{k}-tiny-lm-pipeline", app_name=APP).info.remote().result()
+    layers = [serve.get_deployment_handle(f"Stage{k}-tiny-lm-pipeline", app_name=APP).info.remote().result()["layers"]
               for k in range(2)]
     assert layers == [(0, 2), (2, 4)]
 
