@@ -29,3 +29,37 @@ def test_two_stages_give_the_whole_models_tokens_under_concurrency(serve_url):
         return [r.json()["choices"][0]["text"] for r in rs]
 
     assert asyncio.run(run("tiny-lm-pipeline")) == asyncio.run(run("tiny-lm"))
+
+
+def test_a_stage_dying_mid_stream_fails_the_stream_fast_and_the_pipeline_recovers(serve_url):
+    import json
+    import time
+
+    import ray
+    from ray._common.test_utils import wait_for_condition
+
+    body = {"model": "tiny-lm-pipeline", "prompt": "Serving models online", "max_tokens": 480, "stream": True,
+            "temperature": 0.7, "seed": 5}
+    with httpx.Client(base_url=serve_url, timeout=90) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if "Stage1-tiny-lm-pipeline" in a["name"] and "REPLICA" in a["name"]]
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+            killed = time.monotonic()
+            events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    # The stream ends (no hang) with an in-band, retriable error, not with 480 tokens of text.
+    assert time.monotonic() - killed < 60
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and error["code"] == "model_not_ready"
+
+    def text(model: str) -> str | None:
+        r = httpx.post(f"{serve_url}/v1/completions", json={"model": model, "prompt": "a b", "max_tokens": 12,
+                                                            "temperature": 0}, timeout=30)
+        return r.json()["choices"][0]["text"] if r.status_code == 200 else None
+
+    # Back in service with the restarted stage, and still the unsplit model's tokens.
+    expected = text("tiny-lm")
+    wait_for_condition(lambda: text("tiny-lm-pipeline") == expected, timeout=120, retry_interval_ms=1000)
