@@ -18,13 +18,17 @@ from tests.helpers import MODEL
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-7f3a"
+INFLIGHT = 64
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     env = {"RAYINFER_API_KEYS": f"other-key,{KEY}"}
-    with serve_run(serve_config_on(free_port()), env=env, log_dir=tmp_path_factory.mktemp("serve")) as url:
+    config = serve_config_on(free_port())
+    # A lower ingress bound than the shipped 256, so the burst is mostly past it on 2 cores.
+    config["applications"][0]["args"]["max_inflight_requests"] = INFLIGHT
+    with serve_run(config, env=env, log_dir=tmp_path_factory.mktemp("serve")) as url:
         yield url
 
 
@@ -67,6 +71,7 @@ def test_a_burst_of_800_gets_only_200s_and_fast_503s_with_retry_after(served):
           f"p90 {shed_s[int(len(shed_s) * 0.9)]:.2f}s max {shed_s[-1]:.2f}s; slowest 200 {max(ok, default=0):.2f}s")
     assert statuses <= {200, 503}, statuses
     assert ok, "some requests must be served"
+    assert len(ok) >= INFLIGHT // 2
     assert all(ra == "1" for _, ra in shed), "every 503 carries Retry-After"
     # Shed at once, not after queueing: the client's own scheduling of 800 connections on a
     # small machine is part of this figure.
