@@ -35,5 +35,6 @@ def test_completions_scenario_measures_tokens_and_first_token(serve_url, tmp_pat
                "--duration", "3", "--warmup", "1", "--quiet", "--json", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0 and result["scenario"] == "completions" and result["errors_by_status"] == {}
-    assert result["ok"] > 0 and 0 < result["tokens_per_s"] <= result["ok"] * 16 / 3
+    # tokens_per_s is rounded to 0.01: when every request makes all 16 tokens it may round up past the bound.
+    assert result["ok"] > 0 and 0 < result["tokens_per_s"] <= result["ok"] * 16 / 3 + 0.01
     assert 0 < result["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
