@@ -151,6 +151,32 @@ class AppConfig(BaseModel):
         le=100_000,
         description="Requests with more inputs than this skip the edge batcher: they already amortise the hop.",
     )
+    api_keys_env: str = Field(
+        "RAYINFER_API_KEYS",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description=(
+            "Environment variable (in the ingress replicas' environment) holding accepted API keys, "
+            "comma-separated. With no key from it nor `api_keys_file`, the API is open."
+        ),
+    )
+    api_keys_file: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="File with accepted API keys, one per line (blank lines and `#` comments ignored).",
+    )
+    max_inflight_requests: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Inference requests one ingress replica handles at once; past it, 503 with Retry-After at once. "
+            "Keep it below the Ingress's max_ongoing_requests so the ingress sheds before Serve queues."
+        ),
+    )
+    overload_retry_after_s: int = Field(
+        1, ge=0, le=3600, description="Retry-After (seconds) sent with 503s for a full ingress or model queue."
+    )
     ready_timeout_s: float = Field(
         2.0, gt=0, le=60, description="How long /readyz waits for each model's replica to answer."
     )

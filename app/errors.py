@@ -38,6 +38,10 @@ class InputTooLong(InvalidInput):
     """An input has more tokens than the model accepts."""
 
 
+class Unauthorized(ClientError):
+    """No valid API key: the `Authorization: Bearer <key>` header is missing or wrong."""
+
+
 class ModelNotFound(ClientError):
     """The request names a model this service does not serve."""
 
@@ -79,6 +83,7 @@ class ErrorKind:
 ERROR_TABLE: dict[type[RayInferError], ErrorKind] = {
     InvalidInput: ErrorKind(400, "INVALID_ARGUMENT", "invalid_request_error", "invalid_value"),
     InputTooLong: ErrorKind(400, "INVALID_ARGUMENT", "invalid_request_error", "context_length_exceeded"),
+    Unauthorized: ErrorKind(401, "UNAUTHENTICATED", "invalid_request_error", "invalid_api_key"),
     ModelNotFound: ErrorKind(404, "NOT_FOUND", "invalid_request_error", "model_not_found"),
     PayloadTooLarge: ErrorKind(413, "INVALID_ARGUMENT", "invalid_request_error", "payload_too_large"),
     ClientError: ErrorKind(400, "INVALID_ARGUMENT", "invalid_request_error", "invalid_request"),

@@ -6,8 +6,10 @@ The REST and gRPC adapters call this; it knows nothing of HTTP or gRPC.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, AsyncIterator
 
+from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -26,7 +28,10 @@ def as_rayinfer_error(exc: BaseException) -> BaseException:
     if isinstance(exc, RayInferError):
         return exc
     if isinstance(exc, BackPressureError):
-        return Overloaded(f"model queue is full, retry shortly ({exc})")
+        # The deployment's backpressure_config.retry_after_s, when serve_config.yaml sets it.
+        retry_after = getattr(exc, "retry_after_s", None)
+        seconds = 1 if retry_after is None else max(0, math.ceil(retry_after))
+        return Overloaded(f"model queue is full, retry shortly ({exc})", retry_after_s=seconds)
     if isinstance(exc, RayActorError):
         return ModelNotReady("the model replica serving this request died; retry")
     return exc
@@ -111,8 +116,24 @@ class ModelRegistry:
             except Exception as exc:  # any failure means not ready; report it
                 return f"{type(exc).__name__}: {exc}"
 
+        running = await _running_replicas()
         results = await asyncio.gather(*(probe(n) for n in names))
-        return {n: r for n, r in zip(names, results) if r is not None}
+        failing = {n: r for n, r in zip(names, results) if r is not None}
+        for name in names:
+            if running is not None and running.get(self._models[name].deployment_name, 0) == 0:
+                failing[name] = "no healthy replica"
+        return failing
+
+
+async def _running_replicas() -> dict[str, int] | None:
+    """RUNNING replicas per deployment of this application, from Serve's controller; None outside Serve."""
+    try:
+        app = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+    except Exception:  # not in a replica (unit tests) or the controller is briefly unreachable
+        return None
+    deployments = status.applications[app].deployments if app in status.applications else {}
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
 
 
 async def _awaitable(response):

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+import numpy as np
 import torch
 from ray import serve
 
@@ -46,6 +47,12 @@ class Embedder:
 
     async def metadata(self) -> ModelInfo:
         return self.info
+
+    async def check_health(self) -> None:
+        """Serve's health check: a real forward pass of one short text gives a finite vector."""
+        vectors = await asyncio.to_thread(self.model.embed_ids, self.model.tokenize(["ok"]), 1)
+        if vectors.shape != (1, self.info.dim) or not np.isfinite(vectors).all():
+            raise RuntimeError(f"health probe forward gave an unusable vector of shape {vectors.shape}")
 
     async def batch_stats(self) -> dict[str, int]:
         """Batches run, jobs seen and the largest batch: lets tests prove batching happened."""

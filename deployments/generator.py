@@ -64,11 +64,30 @@ class Generator:
         self._stats = {"tokens": 0, "steps": 0, "max_running": 0}
         self._metrics = metrics.model()
         self._tags = metrics.phase_tags(cfg.name, ("tokenize", "first_token", "step"))
-        threading.Thread(target=self._run_engine, name="engine", daemon=True).start()
+        self._engine_thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
+        self._engine_thread.start()
         logger.info("Generator %s loaded from %s on %s, context %d", cfg.name, root, self.lm.device, self.context)
 
     async def metadata(self) -> ModelInfo:
         return self.info
+
+    async def check_health(self) -> None:
+        """Serve's health check: the engine thread is alive and a real one-token forward gives finite logits.
+
+        The forward runs beside the engine (not queued behind a full batch), so a busy replica stays healthy.
+        """
+        if not self._engine_thread.is_alive():
+            raise RuntimeError("the decoding engine thread has died")
+        if self.lm.model is None:  # a pipeline's driver holds no weights; its stages are checked by Serve
+            return
+        logits = await asyncio.to_thread(self._probe_forward)
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("the model's forward pass gives non-finite logits")
+
+    def _probe_forward(self) -> torch.Tensor:
+        with torch.inference_mode():
+            ids = torch.tensor([self.lm.encode("ok")[-1:]], device=self.lm.device)
+            return self.lm.model(input_ids=ids, use_cache=False).logits[0, -1]
 
     async def stats(self) -> dict[str, int]:
         """Running and waiting sequences, tokens generated, decode steps, the most run at once."""

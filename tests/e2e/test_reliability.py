@@ -1,0 +1,101 @@
+"""Reliability and security against `serve run serve_config.yaml` (the shipped config, a free
+port, API keys set through the environment): keys, a burst past the limits, schemathesis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from loadtest.servers import free_port, serve_config_on, serve_run
+from tests.helpers import MODEL
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key-7f3a"
+INFLIGHT = 64
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    env = {"RAYINFER_API_KEYS": f"other-key,{KEY}"}
+    config = serve_config_on(free_port())
+    # A lower ingress bound than the shipped 256, so the burst is mostly past it on 2 cores.
+    config["applications"][0]["args"]["max_inflight_requests"] = INFLIGHT
+    with serve_run(config, env=env, log_dir=tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+def test_inference_routes_need_a_valid_key_and_health_is_open(served):
+    body = {"model": MODEL, "input": "hello"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{served}/v1/embeddings", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401, r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{served}/v1/models", timeout=30).status_code == 401
+    assert httpx.post(f"{served}/v1/embeddings", json=body, headers=AUTH, timeout=30).status_code == 200
+    assert httpx.get(f"{served}/healthz", timeout=30).status_code == 200
+    assert httpx.get(f"{served}/readyz", timeout=30).status_code == 200
+
+
+def test_a_burst_of_800_gets_only_200s_and_fast_503s_with_retry_after(served):
+    sent: dict[int, float] = {}  # from the moment the request goes on the wire: the client's
+    # own work for 800 requests on a shared 2-core machine (seconds) is not the server's latency
+
+    async def on_request(request: httpx.Request) -> None:
+        sent[id(request)] = time.perf_counter()
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, float, str | None]:
+        r = await client.post("/v1/embeddings", json={"model": MODEL, "input": [f"burst request {i}"] * 4})
+        return r.status_code, time.perf_counter() - sent[id(r.request)], r.headers.get("retry-after")
+
+    async def burst():
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=served, headers=AUTH, limits=limits, timeout=120,
+                                     event_hooks={"request": [on_request]}) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(800)))
+
+    results = asyncio.run(burst())
+    statuses = {s for s, _, _ in results}
+    ok = [t for s, t, _ in results if s == 200]
+    shed = [(t, ra) for s, t, ra in results if s == 503]
+    shed_s = sorted(t for t, _ in shed) or [0.0]
+    print(f"burst of 800: {len(ok)} x 200, {len(shed)} x 503; 503 latency p50 {shed_s[len(shed_s) // 2]:.2f}s "
+          f"p90 {shed_s[int(len(shed_s) * 0.9)]:.2f}s max {shed_s[-1]:.2f}s; slowest 200 {max(ok, default=0):.2f}s")
+    assert statuses <= {200, 503}, statuses
+    assert ok, "some requests must be served"
+    assert len(ok) >= INFLIGHT // 2
+    assert all(ra == "1" for _, ra in shed), "every 503 carries Retry-After"
+    # Shed at once, not after queueing: the client's own scheduling of 800 connections on a
+    # small machine is part of this figure.
+    # Measured on a shared 2-core machine where the client's 800 connections compete with the
+    # server for the cores: p50 ~1.9 s, max ~2.4 s. Bounds leave room for that, not for queueing
+    # behind the served requests' model work.
+    assert shed_s[len(shed_s) // 2] < 3.0
+    assert shed_s[-1] < 5.0
+
+
+def test_schemathesis_finds_no_5xx(served):
+    """Every operation of /openapi.json, with generated valid and invalid bodies: never a 5xx."""
+    schema = schemathesis.openapi.from_url(f"{served}/openapi.json")
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+                  database=None)
+        def check(case):
+            response = case.call(base_url=served, headers=AUTH, timeout=60)
+            if response.status_code >= 500:
+                failures.append(f"{case.method} {case.path} {case.body!r:.300} → {response.status_code}: {response.text[:300]}")
+
+        check()
+    assert not failures, "\n".join(failures)
