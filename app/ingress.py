@@ -60,7 +60,7 @@ class Ingress(GRPCInferenceServicer):
         self.registry = ModelRegistry(config, handles)
         api.state.max_request_bytes = config.max_request_bytes
         api.state.inflight_limit = (config.max_inflight_requests, config.overload_retry_after_s)
-        api.state.api_keys = load_api_keys(config)
+        api.state.api_keys = self.api_keys = load_api_keys(config)
 
     @api.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
     async def embeddings(self, body: EmbeddingRequest) -> JSONResponse:

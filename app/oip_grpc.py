@@ -18,7 +18,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import grpc
 
 from app import metrics, oip
-from app.errors import INTERNAL, InvalidInput, RayInferError, kind_of
+from app.errors import INTERNAL, InvalidInput, RayInferError, Unauthorized, kind_of
+from app.http_guard import key_matches
 from app.oip_tensors import Tensor, from_elements, from_raw, to_raw
 from app.protos import grpc_predict_v2_pb2 as pb
 from app.registry import ModelRegistry, as_rayinfer_error
@@ -101,7 +102,17 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode[INTERNAL.grpc_code], "internal server error"
 
 
-async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc: str) -> M:
+def check_key(context: Any, keys: tuple[bytes, ...]) -> None:
+    """API keys over gRPC: `authorization: Bearer <key>` call metadata, as over HTTP."""
+    if keys:
+        metadata = dict(context.invocation_metadata()) if context is not None else {}
+        given = metadata.get("authorization")
+        if not key_matches(given.encode() if isinstance(given, str) else given, keys):
+            raise Unauthorized("Incorrect or missing API key: send `authorization: Bearer <key>` metadata.")
+
+
+async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc: str,
+                  keys: tuple[bytes, ...] = ()) -> M:
     """Run one unary RPC: errors become the table's gRPC code; latency and errors are recorded as
     for HTTP (route `grpc <RPC>`, status class from the table's HTTP status)."""
     labels = metrics.RequestLabels(start=time.perf_counter())
@@ -109,6 +120,7 @@ async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc:
     recorder, status = metrics.ingress(), 200
     recorder.started()
     try:
+        check_key(context, keys)
         return await make()
     except asyncio.CancelledError:  # deadline or client gone: not caught, so the work stops
         status, labels.error = 499, "cancelled"
@@ -130,6 +142,7 @@ class GRPCInferenceServicer:
     """The RPCs of `inference.GRPCInferenceService`; mixed into the ingress deployment."""
 
     registry: ModelRegistry
+    api_keys: tuple[bytes, ...] = ()  # set by the ingress; empty: no keys required
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -141,7 +154,7 @@ class GRPCInferenceServicer:
         async def ready():
             return pb.ModelReadyResponse(ready=await oip.model_ready(self.registry, request.name, request.version))
 
-        return await _answer(grpc_context, pb.ModelReadyResponse(), ready, "ModelReady")
+        return await _answer(grpc_context, pb.ModelReadyResponse(), ready, "ModelReady", self.api_keys)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         meta = oip.server_metadata()
@@ -159,20 +172,26 @@ class GRPCInferenceServicer:
                 outputs=[spec(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in meta.outputs],
             )
 
-        return await _answer(grpc_context, pb.ModelMetadataResponse(), describe, "ModelMetadata")
+        return await _answer(grpc_context, pb.ModelMetadataResponse(), describe, "ModelMetadata", self.api_keys)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: Any = None) -> pb.ModelInferResponse:
         async def run():
             resp = await oip.infer(self.registry, request_from_proto(request))
             return response_to_proto(resp, raw=bool(request.raw_input_contents))
 
-        return await _answer(grpc_context, pb.ModelInferResponse(), run, "ModelInfer")
+        return await _answer(grpc_context, pb.ModelInferResponse(), run, "ModelInfer", self.api_keys)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], grpc_context: Any = None
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming RPC: the stream's requests are served in turn, each answered by its
         responses as they come; a request's error is an `error_message` and the stream goes on."""
+        try:
+            check_key(grpc_context, self.api_keys)
+        except Unauthorized as exc:
+            grpc_context.set_code(grpc.StatusCode[kind_of(exc).grpc_code])
+            grpc_context.set_details(exc.message)
+            return
         async for request in requests:
             raw = bool(request.raw_input_contents)
             try:

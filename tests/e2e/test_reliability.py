@@ -23,13 +23,35 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    env = {"RAYINFER_API_KEYS": f"other-key,{KEY}"}
+def config():
     config = serve_config_on(free_port())
     # A lower ingress bound than the shipped 256, so the burst is mostly past it on 2 cores.
     config["applications"][0]["args"]["max_inflight_requests"] = INFLIGHT
+    return config
+
+
+@pytest.fixture(scope="module")
+def served(config, tmp_path_factory):
+    env = {"RAYINFER_API_KEYS": f"other-key,{KEY}"}
     with serve_run(config, env=env, log_dir=tmp_path_factory.mktemp("serve")) as url:
         yield url
+
+
+def test_grpc_model_calls_need_the_key_too(served, config):
+    import grpc
+
+    from app.protos import grpc_predict_v2_pb2 as pb
+    from app.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{config['grpc_options']['port']}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live  # health stays open
+        request = pb.ModelMetadataRequest(name=MODEL)
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelMetadata(request, metadata=metadata, timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.ModelMetadata(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=30).name == MODEL
 
 
 def test_inference_routes_need_a_valid_key_and_health_is_open(served):
