@@ -179,3 +179,14 @@ def test_wrong_model_kind_is_404(http):
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     r = http.post("/v1/embeddings", json={"model": LM, "input": PROMPT})
     assert r.status_code == 404
+
+
+def test_a_deadline_times_out_and_cancels_the_generation(http, generator):
+    body = {"model": LM, "prompt": PROMPT, "max_tokens": 480, "temperature": 0.7, "seed": 5}
+    before = generator.stats.remote().result()["tokens"]
+    r = http.post("/v1/completions", json=body, headers={"x-request-timeout-seconds": "0.3"})
+    # Serve enforces its own header: 408 Request Timeout, and the request's task is cancelled.
+    assert r.status_code == 408 and "timed out" in r.text, (r.status_code, r.text)
+    wait_for_condition(lambda: generator.stats.remote().result()["running"] == 0, timeout=10, retry_interval_ms=50)
+    generated = generator.stats.remote().result()["tokens"] - before
+    assert generated < 480, f"{generated} tokens generated past the deadline"
