@@ -6,6 +6,7 @@ The REST and gRPC adapters call this; it knows nothing of HTTP or gRPC.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from typing import Any, AsyncIterator
 
@@ -19,6 +20,8 @@ from app.edge_batch import EdgeBatcher
 from app.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError
 from app.metrics import label_model
 from deployments.types import EmbedJob, EmbedResult, GenerateChunk, GenerateJob, ModelInfo
+
+logger = logging.getLogger("ray.serve")
 
 
 def as_rayinfer_error(exc: BaseException) -> BaseException:
@@ -122,6 +125,8 @@ class ModelRegistry:
         for name in names:
             if running is not None and running.get(self._models[name].deployment_name, 0) == 0:
                 failing[name] = "no healthy replica"
+        if failing:  # say why in the replica's log: a readiness probe only sees a bool or a 503
+            logger.warning("not ready: %s", failing)
         return failing
 
 

@@ -85,7 +85,7 @@ def test_server_health_and_metadata(http, grpc_stub):
     meta = http.get("/v2").json()
     assert meta["name"] == "rayinfer" and meta["version"] and "parameters" in meta["extensions"]
     assert grpc_stub.ServerLive(pb.ServerLiveRequest()).live
-    assert grpc_stub.ServerReady(pb.ServerReadyRequest()).ready
+    assert grpc_stub.ServerReady(pb.ServerReadyRequest()).ready, http.get("/readyz").text  # why, if not
     grpc_meta = grpc_stub.ServerMetadata(pb.ServerMetadataRequest())
     assert (grpc_meta.name, grpc_meta.version, list(grpc_meta.extensions)) == (
         meta["name"], meta["version"], meta["extensions"])
@@ -100,7 +100,7 @@ def test_server_health_and_metadata(http, grpc_stub):
 )
 def test_model_ready_and_metadata(http, grpc_stub, model, inputs, outputs):
     assert http.get(f"/v2/models/{model}/ready").json() == {"name": model, "ready": True}
-    assert grpc_stub.ModelReady(pb.ModelReadyRequest(name=model)).ready
+    assert grpc_stub.ModelReady(pb.ModelReadyRequest(name=model)).ready, http.get("/readyz").text
     meta = http.get(f"/v2/models/{model}").json()
     assert meta["name"] == model and meta["versions"] == ["1"]
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == inputs

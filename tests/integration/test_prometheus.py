@@ -119,8 +119,16 @@ def drive_traffic(serve_url: str, n: int) -> list[float]:
     return asyncio.run(go())
 
 
-def test_p99_agrees_with_the_client_and_every_dashboard_query_has_data(prometheus, serve_url, http):
-    # The other routes and kinds the dashboard shows: completions (whole and streamed), chat, an error.
+def test_p99_agrees_with_the_client_and_every_dashboard_query_has_data(prometheus, serve_url, http, grpc_stub):
+    # Every route and kind the dashboard shows, sent here (rates look back one minute):
+    # OIP over HTTP and gRPC, completions (whole and streamed), chat, an error.
+    from app.protos import grpc_predict_v2_pb2 as pb
+
+    infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["metrics"]}]}
+    assert http.post(f"/v2/models/{MODEL}/infer", json=infer).status_code == 200
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(b"metrics")
+    assert grpc_stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[tensor]), timeout=60).outputs
     client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0)
     client.completions.create(model=LM, prompt="metrics", max_tokens=8)
     list(client.completions.create(model=LM, prompt="metrics", max_tokens=8, stream=True))
