@@ -83,18 +83,25 @@ class Completion:
 async def collect(
     registry: ModelRegistry, model: str, job: GenerateJob, on_chunk: Callable[[GenerateChunk], None] | None = None
 ) -> tuple[list[str], list[str | None]]:
-    """Run a job to its end: each choice's whole text and finish reason, in choice order."""
+    """Run a job to its end: each choice's whole text and finish reason, in choice order. Nothing
+    is sent before the end, so a generation whose replica dies midway is re-run whole."""
+
+    async def run() -> list[GenerateChunk]:
+        chunks: list[GenerateChunk] = []
+        async for item in registry.generate(model, job):
+            if isinstance(item, RayInferError):
+                raise item
+            chunks.extend(item)
+        return chunks
+
     texts: dict[int, list[str]] = {i: [] for i in range(len(job))}
     finish: dict[int, str | None] = {}
-    async for item in registry.generate(model, job):
-        if isinstance(item, RayInferError):
-            raise item
-        for chunk in item:
-            texts[chunk.index].append(chunk.text)
-            if on_chunk is not None:
-                on_chunk(chunk)
-            if chunk.finish_reason is not None:
-                finish[chunk.index] = chunk.finish_reason
+    for chunk in await registry.retrying(model, run):
+        texts[chunk.index].append(chunk.text)
+        if on_chunk is not None:
+            on_chunk(chunk)
+        if chunk.finish_reason is not None:
+            finish[chunk.index] = chunk.finish_reason
     return ["".join(texts[i]) for i in range(len(job))], [finish.get(i) for i in range(len(job))]
 
 

@@ -177,6 +177,16 @@ class AppConfig(BaseModel):
     overload_retry_after_s: int = Field(
         1, ge=0, le=3600, description="Retry-After (seconds) sent with 503s for a full ingress or model queue."
     )
+    replica_retry_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "How long the ingress retries a request whose model replica died (SIGKILL, OOM, a lost node) on a "
+            "live or restarted replica. Inference is idempotent: embeddings and non-streamed generations are "
+            "re-run whole, a stream only before its first chunk. Past it: 503 `model_not_ready`. 0: never retry."
+        ),
+    )
     ready_timeout_s: float = Field(
         2.0, gt=0, le=60, description="How long /readyz waits for each model's replica to answer."
     )

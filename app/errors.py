@@ -58,6 +58,10 @@ class ModelNotReady(ServerError):
     """The model has no replica able to answer yet."""
 
 
+class ReplicaLost(ModelNotReady):
+    """The replica (or a pipeline stage) died under the request; running it again is safe."""
+
+
 class Overloaded(ServerError):
     """Queues are full; the client should retry after `retry_after_s`."""
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any, AsyncIterator
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -17,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig, ModelConfig
 from app.edge_batch import EdgeBatcher
-from app.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError
+from app.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError, ReplicaLost
 from app.metrics import label_model
 from deployments.types import EmbedJob, EmbedResult, GenerateChunk, GenerateJob, ModelInfo
 
@@ -36,8 +37,18 @@ def as_rayinfer_error(exc: BaseException) -> BaseException:
         seconds = 1 if retry_after is None else max(0, math.ceil(retry_after))
         return Overloaded(f"model queue is full, retry shortly ({exc})", retry_after_s=seconds)
     if isinstance(exc, RayActorError):
-        return ModelNotReady("the model replica serving this request died; retry")
+        return ReplicaLost("the model replica serving this request died; retry")
     return exc
+
+
+T = TypeVar("T")
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """The model replica died under the request (the request itself did nothing wrong)."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    return isinstance(exc, (RayActorError, ReplicaLost))
 
 
 class ModelRegistry:
@@ -60,24 +71,57 @@ class ModelRegistry:
 
         return send
 
+    def deadline(self) -> float:
+        """Until when (monotonic) a request that loses its replica is retried."""
+        return time.monotonic() + self.config.replica_retry_s
+
+    async def retry_lost(self, name: str, exc: BaseException, deadline: float, attempt: int) -> None:
+        """Return (after a backoff) if the request may run again; else raise, mapped for the client."""
+        delay = min(0.05 * 2**attempt, 1.0)
+        if not replica_lost(exc) or time.monotonic() + delay > deadline:
+            raise exc
+        logger.warning("model %s: replica lost under a request (%s); retry %d in %.2fs", name, type(exc).__name__,
+                       attempt + 1, delay)
+        await asyncio.sleep(delay)  # the router learns of the death and Serve starts a replacement
+
+    async def retrying(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()` again on a live or restarted replica while its replica dies, up to replica_retry_s."""
+        deadline, attempt = self.deadline(), 0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                await self.retry_lost(name, exc, deadline, attempt)
+                attempt += 1
+
     async def embed(self, name: str, job: EmbedJob) -> EmbedResult | RayInferError:
-        """One request's job, through the model's edge batcher when there is one."""
+        """One request's job, through the model's edge batcher when there is one; retried if its replica dies."""
         batcher = self._batchers.get(name)
         if batcher is not None and len(job) <= self.config.edge_batch_max_request_items:
-            return await batcher.submit(job)
-        return await self._handles[name].embed.remote(job)
+            return await self.retrying(name, lambda: batcher.submit(job))
+        return await self.retrying(name, lambda: self._handles[name].embed.remote(job))
 
     async def generate(self, name: str, job: GenerateJob) -> AsyncIterator[list[GenerateChunk] | RayInferError]:
-        """Stream the job's chunks from the model's Generator; leaving early cancels the work there."""
-        response = self._streams[name].generate.remote(job)
-        done = False
-        try:
-            async for item in response:
-                yield item
-            done = True
-        finally:
-            if not done:
-                response.cancel()
+        """Stream the job's chunks from the model's Generator; leaving early cancels the work there.
+        A replica lost before the first chunk is retried; after it, the caller gets the error."""
+        deadline, attempt = self.deadline(), 0
+        while True:
+            response = self._streams[name].generate.remote(job)
+            started = done = False
+            try:
+                async for item in response:
+                    started = True
+                    yield item
+                done = True
+                return
+            except Exception as exc:
+                if started:
+                    raise
+                await self.retry_lost(name, exc, deadline, attempt)
+                attempt += 1
+            finally:
+                if not done:
+                    response.cancel()
 
     @property
     def names(self) -> list[str]:

@@ -24,7 +24,7 @@ from ray import serve
 
 from app import metrics
 from app.config import ModelConfig
-from app.errors import InputTooLong, InvalidInput, ModelNotReady, RayInferError
+from app.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.replica import replica_device, replica_threads
 from deployments.stage import RemoteRunner
 from deployments.types import GenerateChunk, GenerateJob, ModelInfo
@@ -129,7 +129,7 @@ class Generator:
                     first = False
                 for out in outs:
                     if out.finish_reason == "error":
-                        yield ModelNotReady("generation failed on the replica; retry")
+                        yield ReplicaLost("generation failed on the replica; retry")
                         return
                     if out.finish_reason is not None:
                         running.discard(out.seq_id)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -96,6 +98,60 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
         # `ray stop` would kill every Ray cluster on the machine.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@dataclasses.dataclass
+class RayHead:
+    dashboard: str  # what `serve deploy -a` and the REST/state APIs talk to
+    env: dict[str, str]  # for CLI calls against it (its auth token)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+
+
+@contextlib.contextmanager
+def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
+    """A long-lived cluster as operators run one: `ray start --head`, with Ray's token
+    authentication on (its own token), every port it would take at a fixed number on a free one,
+    its own temp dir, the dashboard on loopback. Stops only its own processes."""
+    ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
+                                            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                            "--runtime-env-agent-port", "--metrics-export-port")}
+    args = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--dashboard-host=127.0.0.1",
+            f"--temp-dir={log_dir / 'ray'}", *(f"{flag}={port}" for flag, port in ports.items())]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # The Serve controller and proxies inherit the environment. On a busy small machine the
+    # dashboard agent can take over Ray's default 30 s to start, and the raylet then aborts.
+    env = {**os.environ, **serve_env(), **auth, "RAY_agent_register_timeout_ms": "120000"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = log_dir / "ray_start.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(f"http://127.0.0.1:{ports['--dashboard-port']}", auth)
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{head.dashboard}/api/gcs_healthz", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start did not come up (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)  # polling the dashboard's health endpoint
+        yield head
+    finally:
+        stop(proc)  # `ray start --block` takes its processes down with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def serve_deploy(config: dict, head: RayHead, path: Path) -> None:
+    """`serve deploy` of `config` (a serve_config.yaml as a dict) to the cluster."""
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([str(BIN / "serve"), "deploy", str(path), "-a", head.dashboard], cwd=ROOT, check=True,
+                   env={**os.environ, **head.env}, capture_output=True, timeout=120)
 
 
 def serve_config_on(port: int, grpc_port: int | None = None) -> dict:

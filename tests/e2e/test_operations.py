@@ -1,0 +1,246 @@
+"""Operating rayinfer on a long-lived cluster (`ray start --head`, then `serve deploy`), under
+steady traffic: a rolling update fails no request, a SIGKILLed model replica loses none,
+/readyz goes false while a model has no replica and back, autoscaling goes up and down.
+
+One cluster for the module; the tests run in file order and each leaves it healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from ray._common.test_utils import wait_for_condition
+
+from loadtest.servers import RayHead, ray_head, serve_deploy
+from tests.helpers import MODEL, free_port, serve_config_on
+
+pytestmark = pytest.mark.slow
+APP = "rayinfer"
+LM = "tiny-lm"
+EMBEDDER, GENERATOR = f"Embedder-{MODEL}", f"Generator-{LM}"
+
+
+def base_config() -> dict:
+    """The shipped config without the pipeline model (its stages add nothing here but start-up time)."""
+    config = serve_config_on(free_port())
+    app = config["applications"][0]
+    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] in (MODEL, LM)]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", EMBEDDER, GENERATOR)]
+    return config
+
+
+def model_args(config: dict, name: str) -> dict:
+    return next(m for m in config["applications"][0]["args"]["models"] if m["name"] == name)
+
+
+def deployment(config: dict, name: str) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+@dataclass
+class Outcome:
+    kind: str
+    start: float
+    end: float
+    ok: bool
+    detail: str
+
+
+class Load:
+    """Closed-loop traffic from a background thread; every request's outcome is kept."""
+
+    def __init__(self, url: str, **workers: int):
+        self.url, self.workers = url, workers
+        self.outcomes: list[Outcome] = []
+        self._done = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=180)
+        assert not self._thread.is_alive(), "a request did not finish within its timeout"
+
+    def wait_for(self, more: int, timeout_s: float = 120) -> None:
+        """Block until `more` requests beyond those finished now have finished."""
+        with self._done:
+            target = len(self.outcomes) + more
+            assert self._done.wait_for(lambda: len(self.outcomes) >= target, timeout_s), (len(self.outcomes), target)
+
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+    def spanning(self, t: float, kind: str | None = None) -> list[Outcome]:
+        """Requests in flight at time t."""
+        return [o for o in self.outcomes if o.start < t < o.end and kind in (None, o.kind)]
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=120) as client:
+            await asyncio.gather(*(self._worker(client, kind, i)
+                                   for kind, n in self.workers.items() for i in range(n)))
+
+    async def _worker(self, client: httpx.AsyncClient, kind: str, worker: int) -> None:
+        send = {"embed": _embed, "complete": _complete, "stream": _stream}[kind]
+        i = 0
+        while not self._stop.is_set():
+            start = time.monotonic()
+            try:
+                ok, detail = await send(client, f"worker {worker} request {i}")
+            except httpx.HTTPError as exc:
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            with self._done:
+                self.outcomes.append(Outcome(kind, start, time.monotonic(), ok, detail))
+                self._done.notify_all()
+            i += 1
+
+
+async def _embed(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
+    r = await client.post("/v1/embeddings", json={"model": MODEL, "input": [text] * 4})
+    return r.status_code == 200 and len(r.json()["data"]) == 4, f"{r.status_code} {r.text[:300]}"
+
+
+async def _complete(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
+    r = await client.post("/v1/completions", json={"model": LM, "prompt": text, "max_tokens": 24})
+    ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    return ok, f"{r.status_code} {r.text[:300]}"
+
+
+async def _stream(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
+    body = {"model": LM, "prompt": text, "max_tokens": 48, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        events = [line[len("data: "):] async for line in r.aiter_lines() if line.startswith("data: ")]
+    finished = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1] if "choices" in json.loads(e)]
+    ok = r.status_code == 200 and events[-1:] == ["[DONE]"] and finished[-1:] in (["stop"], ["length"])
+    return ok, f"{r.status_code} {events[-3:]}"
+
+
+class Cluster:
+    def __init__(self, head: RayHead, log_dir):
+        self.head, self.log_dir, self.deploys = head, log_dir, 0
+
+    def deploy(self, config: dict) -> None:
+        self.deploys += 1
+        serve_deploy(config, self.head, self.log_dir / f"serve_config_{self.deploys}.yaml")
+
+    def app(self) -> dict:
+        r = httpx.get(f"{self.head.dashboard}/api/serve/applications/", headers=self.head.headers, timeout=30)
+        r.raise_for_status()
+        return r.json()["applications"].get(APP, {})
+
+    def replicas(self, name: str, state: str = "RUNNING") -> list[dict]:
+        deployments = self.app().get("deployments", {})
+        return [r for r in deployments.get(name, {}).get("replicas", []) if r["state"] == state]
+
+    def settled(self, **replicas: int) -> bool:
+        """The app is RUNNING, every deployment HEALTHY, with exactly these RUNNING replica counts."""
+        app = self.app()
+        if app.get("status") == "DEPLOY_FAILED":
+            raise RuntimeError(app.get("message"))
+        deployments = app.get("deployments", {})
+        return app.get("status") == "RUNNING" and all(d["status"] == "HEALTHY" for d in deployments.values()) and all(
+            sum(r["state"] == "RUNNING" for r in deployments[name]["replicas"]) == n
+            and len(deployments[name]["replicas"]) == n
+            for name, n in replicas.items())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("ops")
+    # Logical CPUs for the replicas an update or autoscaling adds next to the old ones.
+    with ray_head(log_dir, num_cpus=8) as head:
+        yield Cluster(head, log_dir)
+
+
+@pytest.fixture(scope="module")
+def config(cluster):
+    config = base_config()
+    cluster.deploy(config)
+    wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 1, GENERATOR: 1}), timeout=240, retry_interval_ms=500)
+    return config
+
+
+@pytest.fixture(scope="module")
+def url(config):
+    return f"http://127.0.0.1:{config['http_options']['port']}"
+
+
+def test_a_rolling_update_under_load_fails_no_request(cluster, config, url):
+    old_generator = {r["replica_id"] for r in cluster.replicas(GENERATOR)}
+    # Batching parameters, a replica count and the generator's settings change: every deployment
+    # whose arguments change (the ingress, both models) is replaced replica by replica.
+    model_args(config, MODEL)["max_batch_size"] = 16
+    model_args(config, LM)["stream_interval_s"] = 0.02
+    deployment(config, EMBEDDER)["num_replicas"] = 2
+    with Load(url, embed=4, complete=2, stream=2) as load:
+        load.wait_for(20)
+        started = time.monotonic()
+        cluster.deploy(config)
+        wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 2, GENERATOR: 1}), timeout=240, retry_interval_ms=500)
+        settled = time.monotonic()
+        load.wait_for(20)
+    assert not load.failures(), load.failures()[:5]
+    during = [o for o in load.outcomes if started < o.end and o.start < settled]
+    print(f"rolling update: {len(load.outcomes)} requests, {len(during)} during the {settled - started:.1f}s update, "
+          "0 failed")
+    assert {o.kind for o in during} == {"embed", "complete", "stream"}
+    assert not old_generator & {r["replica_id"] for r in cluster.replicas(GENERATOR)}, "the generator was replaced"
+
+
+def _kill(cluster: Cluster, name: str) -> tuple[int, float]:
+    replica = cluster.replicas(name)[0]
+    os.kill(replica["pid"], signal.SIGKILL)
+    return replica["pid"], time.monotonic()
+
+
+def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile(cluster, config, url):
+    replicas = {EMBEDDER: len(cluster.replicas(EMBEDDER)), GENERATOR: 1}
+    with httpx.Client(base_url=url, timeout=30) as client, Load(url, embed=4, complete=2) as load:
+        load.wait_for(20)
+        embedder_pid, embedder_killed = _kill(cluster, EMBEDDER)  # one of two: the other one answers
+        load.wait_for(10)
+        generator_pid, generator_killed = _kill(cluster, GENERATOR)  # the only one: Serve restarts it
+        # Its model has no replica now: not ready, naming it; ready again once Serve has replaced it.
+        def says_lm_not_ready() -> bool:
+            r = client.get("/readyz")
+            return r.status_code == 503 and LM in r.json()["models"]
+
+        wait_for_condition(says_lm_not_ready, timeout=30, retry_interval_ms=100)
+        wait_for_condition(lambda: cluster.settled(**replicas), timeout=120, retry_interval_ms=500)
+        wait_for_condition(lambda: client.get("/readyz").status_code == 200, timeout=60, retry_interval_ms=200)
+        load.wait_for(20)
+    assert not load.failures(), load.failures()[:5]
+    hit = load.spanning(embedder_killed, "embed"), load.spanning(generator_killed, "complete")
+    print(f"SIGKILL: {len(load.outcomes)} requests, {len(hit[0])} embeddings in flight at the embedder's kill, "
+          f"{len(hit[1])} completions at the generator's; 0 failed")
+    assert all(hit), "the kills hit requests in flight"
+    assert embedder_pid not in {r["pid"] for r in cluster.replicas(EMBEDDER)}
+    assert generator_pid not in {r["pid"] for r in cluster.replicas(GENERATOR)}
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(cluster, config, url):
+    embedder = deployment(config, EMBEDDER)
+    del embedder["num_replicas"]
+    # Short delays so the test sees both directions in about a minute; the shipped GPU profile
+    # (serve_config.gpu.yaml) uses Serve's defaults. With edge batching an embedder replica sees at
+    # most 2 batches at once from each ingress replica, so the target is 1 (README "Autoscaling").
+    embedder["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                      "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5,
+                                      "look_back_period_s": 2}
+    cluster.deploy(config)
+    wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 1}), timeout=120, retry_interval_ms=500)
+    with Load(url, embed=16) as load:
+        wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 2}), timeout=120, retry_interval_ms=500)
+    wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 1}), timeout=120, retry_interval_ms=500)
+    assert not load.failures(), load.failures()[:5]
