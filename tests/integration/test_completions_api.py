@@ -190,3 +190,24 @@ def test_a_deadline_times_out_and_cancels_the_generation(http, generator):
     wait_for_condition(lambda: generator.stats.remote().result()["running"] == 0, timeout=10, retry_interval_ms=50)
     generated = generator.stats.remote().result()["tokens"] - before
     assert generated < 480, f"{generated} tokens generated past the deadline"
+
+
+# JSON has no NaN or Infinity, but Python's parser (and many clients) accept the literals.
+NON_FINITE = [
+    ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "temperature": NaN}', "temperature"),
+    ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "top_p": Infinity}', "top_p"),
+    ("/v1/chat/completions",
+     '{"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}', "temperature"),
+    ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "max_tokens": NaN}', "max_tokens"),
+    ("/v1/embeddings", '{"model": "all-MiniLM-L6-v2", "input": [NaN]}', "input"),
+    ("/v2/models/tiny-lm/infer",
+     '{"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["x"]}],'
+     ' "parameters": {"temperature": NaN}}', "temperature"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", NON_FINITE, ids=[f"{p} {f}" for p, _, f in NON_FINITE])
+def test_nan_and_infinity_are_a_4xx_naming_the_field(http, path, body, field):
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert field in r.text, r.text
