@@ -16,16 +16,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from models.causal_lm import DTYPES
 from models.kv_runner import KVRunner
-
-LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-
 
 def _shards(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
@@ -37,23 +35,26 @@ def _shards(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> dict[str, torch.Tensor]:
-    """The stage's tensors, renamed as the truncated model names them (`model.` prefix kept)."""
+def read_range(path: Path, layers: str, start: int, end: int, keep: Callable[[str], bool],
+               strip: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of layers [start, end) of the checkpoint (`<layers>.<i>.…`, renumbered from 0) and the
+    other tensors `keep` accepts; only those are read. `strip` is a prefix some checkpoints put
+    before every name (`bert.`), removed first."""
+    pattern = re.compile(rf"^{re.escape(layers)}\.(\d+)\.(.*)$")
+    shards = _shards(path)
     wanted: dict[str, str] = {}  # checkpoint name -> stage name
-    for name in _shards(path):
-        m = LAYER.match(name)
+    for name in shards:
+        bare = name.removeprefix(strip) if strip else name
+        m = pattern.match(bare)
         if m:
-            i = int(m.group(1))
-            if start <= i < end:
-                wanted[name] = f"model.layers.{i - start}.{m.group(2)}"
-        elif name.startswith("model.embed_tokens.") and (first or (last and tied)):
-            wanted[name] = name
-        elif (name.startswith("model.norm.") or name.startswith("lm_head.")) and last:
-            wanted[name] = name
-    state, shards = {}, _shards(path)
+            if start <= int(m.group(1)) < end:
+                wanted[name] = f"{layers}.{int(m.group(1)) - start}.{m.group(2)}"
+        elif keep(bare):
+            wanted[name] = bare
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
         by_file.setdefault(shards[name], []).append(name)
+    state = {}
     for file, names in by_file.items():
         with safe_open(file, "pt") as f:
             for name in names:
@@ -61,17 +62,33 @@ def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied:
     return state
 
 
-def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, bool, bool]:
-    """The stage's model, and whether it is the first and the last stage."""
-    path = Path(path)
+def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> dict[str, torch.Tensor]:
+    """The causal LM stage's tensors, renamed as the truncated model names them (`model.` prefix kept)."""
+
+    def keep(name: str) -> bool:
+        if name.startswith("model.embed_tokens."):
+            return first or (last and tied)
+        return last and name.startswith(("model.norm.", "lm_head."))
+
+    return read_range(path, "model.layers", start, end, keep)
+
+
+def stage_config(path: Path, start: int, end: int) -> tuple[PretrainedConfig, bool, bool]:
+    """The checkpoint's config cut to layers [start, end), and whether the stage is the first and the last."""
     config = AutoConfig.from_pretrained(path)
     total = config.num_hidden_layers
     if not 0 <= start < end <= total:
         raise ValueError(f"layer range [{start}, {end}) is not within the model's {total} layers")
-    first, last = start == 0, end == total
     config.num_hidden_layers = end - start
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[start:end]
+    return config, start == 0, end == total
+
+
+def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, bool, bool]:
+    """The stage's model, and whether it is the first and the last stage."""
+    path = Path(path)
+    config, first, last = stage_config(path, start, end)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     # Built for real (not on the meta device): rotary tables and other buffers that no checkpoint
     # holds must be computed. Weights are then replaced by the checkpoint's.
