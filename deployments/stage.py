@@ -45,9 +45,9 @@ class Stage:
         with self._lock:
             return self.runner.prefill(seq_id, x).cpu()
 
-    def decode(self, seq_ids: list[str], x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def decode(self, seq_ids: list[str], x: torch.Tensor, lengths: list[int], group: int = 0) -> torch.Tensor:
         with self._lock:
-            return self.runner.decode(seq_ids, x, lengths).cpu()
+            return self.runner.decode(seq_ids, x, lengths, group).cpu()
 
     def encode(self, x: Hidden) -> Hidden | torch.Tensor:
         """Encoder stage: token states and mask in; the next stage's, or the last stage's vectors, out."""
@@ -78,8 +78,8 @@ class RemoteRunner:
     def prefill(self, seq_id, x):
         return self.handle.prefill.remote(seq_id, x)
 
-    def decode(self, seq_ids, x, lengths):
-        return self.handle.decode.remote(seq_ids, x, lengths)
+    def decode(self, seq_ids, x, lengths, group=0):
+        return self.handle.decode.remote(seq_ids, x, lengths, group)
 
     def drop(self, seq_ids):
         self.handle.drop.remote(seq_ids)
