@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel
 
 from models.embedding import EncoderStage, read_pooling_spec
-from models.stages import read_range, stage_config
+from models.stages import build_on_meta, materialise, read_range, stage_config
 
 
 class _PassThrough(torch.nn.Module):
@@ -42,7 +42,7 @@ def load_encoder_stage(path: Path, start: int, end: int, device: str = "cpu") ->
     its pooling if end is the last layer."""
     path = Path(path)
     config, first, last = stage_config(path, start, end)
-    model = AutoModel.from_config(config)
+    model = build_on_meta(AutoModel, config)
     _encoder_layers(model)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # sentence-transformers pools the token states itself
@@ -50,10 +50,8 @@ def load_encoder_stage(path: Path, start: int, end: int, device: str = "cpu") ->
         model.embeddings = _PassThrough()
     state = read_range(path, "encoder.layer", start, end, lambda name: first and name.startswith("embeddings."),
                        strip=f"{model.base_model_prefix}.")
-    result = model.load_state_dict(state, strict=False)
-    buffers = {name for name, _ in model.named_buffers()}
-    unexpected = [k for k in result.unexpected_keys if k not in buffers]  # e.g. position_ids: rebuilt, not read
-    if result.missing_keys or unexpected:
-        raise ValueError(f"stage [{start}, {end}) of {path}: missing {result.missing_keys[:5]}, unexpected {unexpected[:5]}")
+    missing, unexpected = materialise(model, state)
+    if missing or unexpected:
+        raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     dev = torch.device(device)
     return EncoderStage(model.to(dev).eval(), read_pooling_spec(path), dev, first, last)

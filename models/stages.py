@@ -6,7 +6,8 @@ model's own code computes rotary positions, masks and caches exactly as in the w
 - later stages take hidden states (`inputs_embeds`);
 - the last stage keeps the final norm and the head and returns logits; the others return
   hidden states, with the final norm replaced by the identity.
-Only the stage's tensors are read from the safetensors files (sharded checkpoints included).
+Only the stage's tensors are read from the safetensors files (sharded checkpoints included), into a
+model built on the meta device: loading needs the stage's memory once, not a random copy beside it.
 Supported: architectures whose layers live in `model.layers` and whose embeddings add no
 position term (Llama, Mistral, Qwen2/3 families, tiny-lm); GPT-2 is not.
 """
@@ -90,9 +91,7 @@ def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str
     path = Path(path)
     config, first, last = stage_config(path, start, end)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    # Built for real (not on the meta device): rotary tables and other buffers that no checkpoint
-    # holds must be computed. Weights are then replaced by the checkpoint's.
-    model = AutoModelForCausalLM.from_config(config) if last else AutoModel.from_config(config)
+    model = build_on_meta(AutoModelForCausalLM if last else AutoModel, config)
     if not hasattr(model, "model" if last else "layers"):
         raise ValueError(f"{type(model).__name__}: pipeline stages need a Llama-like model (layers in model.layers)")
     state = stage_state(path, start, end, first, last, tied)
@@ -103,18 +102,40 @@ def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str
         base = model.model if last else model
         if not (last and tied):
             base.embed_tokens = None  # hidden states come in; no embedding table needed
-    missing, unexpected = _load(model, state)
+    missing, unexpected = materialise(model, state, tie=last and tied)
     if missing or unexpected:
         raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if last and tied:
-        model.tie_weights()
     return model.to(device=device, dtype=DTYPES[dtype]).eval(), first, last
 
 
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]  # tied: filled by tie_weights
-    return missing, list(result.unexpected_keys)
+def build_on_meta(auto_class, config: PretrainedConfig) -> torch.nn.Module:
+    """The model's modules on the meta device: they take no memory until `materialise` gives them the stage's
+    tensors, so a stage never holds a randomly initialised copy of itself beside the checkpoint's."""
+    with torch.device("meta"):
+        return auto_class.from_config(config)
+
+
+def materialise(model: torch.nn.Module, state: dict[str, torch.Tensor], tie: bool = False) -> tuple[list[str], list[str]]:
+    """Put the checkpoint's tensors in place of a meta model's, then compute the buffers no checkpoint holds
+    (rotary inv_freq, position ids) with the model's own initialisation, as transformers' loading does.
+    Returns the parameters still missing and the unexpected checkpoint names."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if tie:
+        model.tie_weights()  # the head shares the embeddings: no tensor of its own in the checkpoint
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.is_meta:
+            tensor._is_hf_initialized = True  # transformers' init functions leave these alone
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    buffers = dict(model.named_buffers())
+    for name, buffer in buffers.items():
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+    if not missing:
+        model.initialize_weights()  # fills only what is not marked: the buffers just made
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    unexpected = [k for k in result.unexpected_keys if k not in buffers]  # e.g. an old checkpoint's position_ids
+    return missing or left, unexpected
 
 
 def stage_runner(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> KVRunner:

@@ -109,3 +109,13 @@ def test_encoder_stage_ranges_and_architectures_are_checked(bundled_path):
         load_encoder_stage(bundled_path, 3, 7)
     with pytest.raises(ValueError, match="BERT-like"):
         load_encoder_stage(ensure(), 0, 2)
+
+
+def test_an_encoder_stage_built_on_the_meta_device_computes_its_buffers(bundled_path, model):
+    from models.encoder_stages import load_encoder_stage
+
+    stage = load_encoder_stage(bundled_path, 0, 3)
+    assert not [n for n, t in [*stage.model.named_parameters(), *stage.model.named_buffers()] if t.is_meta]
+    for name in ("position_ids", "token_type_ids"):  # not read from the checkpoint: computed
+        assert torch.equal(getattr(stage.model.embeddings, name), getattr(model.model.embeddings, name)), name
+    assert torch.equal(stage.model.encoder.layer[2].output.dense.weight, model.model.encoder.layer[2].output.dense.weight)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -285,3 +286,24 @@ def test_each_group_keeps_its_batch_cache_while_groups_take_turns(lm, monkeypatc
     assert rebuilds == [0, 0, 1, 1]  # once per group in each of the 2 stages, not once per turn
     for s in prompts:
         torch.testing.assert_close(alternating[s], together[s], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("start,end", [(0, 2), (2, 4), (1, 3)])
+def test_a_stage_built_on_the_meta_device_holds_the_checkpoints_weights_and_computed_buffers(lm, start, end):
+    from safetensors.torch import load_file
+
+    from models.stages import load_stage
+
+    stage, first, last = load_stage(lm.path, start, end)
+    whole = AutoModelForCausalLM.from_pretrained(lm.path).eval()
+    tensors = dict(stage.named_parameters()) | dict(stage.named_buffers())
+    assert not [name for name, t in tensors.items() if t.is_meta]
+    checkpoint = load_file(lm.path / "model.safetensors")
+    for name, p in stage.named_parameters():
+        m = re.match(r"^(model\.)?layers\.(\d+)\.(.*)$", name)
+        source = f"model.layers.{int(m.group(2)) + start}.{m.group(3)}" if m else ("model." + name.removeprefix("model."))
+        source = "model.embed_tokens.weight" if name == "lm_head.weight" else source  # tied head
+        assert torch.equal(p, checkpoint[source]), name  # loaded as is, not re-initialised
+    base = stage.model if last else stage
+    torch.testing.assert_close(base.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq, atol=0, rtol=0)
+    torch.testing.assert_close(base.rotary_emb.original_inv_freq, whole.model.rotary_emb.original_inv_freq, atol=0, rtol=0)
