@@ -88,12 +88,23 @@ class ModelConfig(BaseModel):
         ge=1,
         le=64,
         description=(
-            "generate: split the model into this many consecutive layer ranges, one `Stage<k>-<name>` "
-            "deployment each (Llama-like checkpoints); default boundaries balance parameter bytes."
+            "Split the model into this many consecutive layer ranges, one `Stage<k>-<name>` deployment "
+            "each (generate: Llama-like checkpoints; embed: BERT-like encoders); default boundaries "
+            "balance parameter bytes."
         ),
     )
     pipeline_boundaries: list[int] | None = Field(
-        None, description="generate: explicit first layer of stages 1..N-1 (N-1 increasing layer indices)."
+        None, description="Explicit first layer of stages 1..N-1 (N-1 increasing layer indices)."
+    )
+    pipeline_microbatches: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description=(
+            "With pipeline_stages > 1, how many micro-batches are in the stages at once, each stage "
+            "working on a different one (embed: batches in flight; generate: groups the running batch "
+            "is split into, each decoding in turn). Default: pipeline_stages."
+        ),
     )
     num_threads: int | None = Field(
         None, ge=1, le=256, description="Torch threads in the replica; default: the CPUs Ray assigned it."
@@ -106,10 +117,17 @@ class ModelConfig(BaseModel):
     def stage_name(self, k: int) -> str:
         return f"Stage{k}-{self.name}"
 
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches in the pipeline at once: 1 for an unsplit model."""
+        if self.pipeline_stages == 1:
+            return 1
+        return self.pipeline_microbatches or self.pipeline_stages
+
     @model_validator(mode="after")
     def _pipeline(self) -> "ModelConfig":
-        if self.pipeline_stages > 1 and self.task != "generate":
-            raise ValueError("pipeline_stages > 1 is supported for task `generate` only")
+        if self.pipeline_microbatches is not None and self.pipeline_stages == 1:
+            raise ValueError("pipeline_microbatches needs pipeline_stages > 1")
         if self.pipeline_boundaries is not None and len(self.pipeline_boundaries) != self.pipeline_stages - 1:
             raise ValueError(f"pipeline_boundaries needs {self.pipeline_stages - 1} layer indices for {self.pipeline_stages} stages")
         return self

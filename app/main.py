@@ -34,9 +34,14 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
 
 def stages(m: ModelConfig) -> list:
-    """The model's Stage deployments, bound in order: Stage0-<name> (embeddings + first layers) … last (norm + head)."""
+    """The model's Stage deployments, bound in order: Stage0-<name> (embeddings + first layers) … last
+    (norm + head of a causal LM; pooling of an encoder)."""
     from models.pipeline_plan import load_config, plan
 
     config = load_config(m.source)
-    layout = plan(config, m.pipeline_stages, m.dtype, m.pipeline_boundaries)
+    try:
+        layout = plan(config, m.pipeline_stages, m.dtype, m.pipeline_boundaries)
+    except ValueError as exc:
+        field = "pipeline_boundaries" if m.pipeline_boundaries is not None else "pipeline_stages"
+        raise ValueError(f"model {m.name!r}: {field}: {exc}") from exc
     return [Stage.options(name=m.stage_name(s.index)).bind(m, s.index, *s.layers) for s in layout.stages]

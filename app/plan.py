@@ -2,6 +2,7 @@
 
     python -m app.plan --model models/configs/llama-3-70b.json --gpu-memory 80GiB
     python -m app.plan --model built:tiny-lm --stages 2 --dtype float32
+    python -m app.plan --model bundled:all-MiniLM-L6-v2 --stages 2 --dtype float32   # an encoder
 
 Prints each stage's layer range, parameter memory and KV cache per token, and, given
 --gpu-memory, how many GPUs the model needs (the fewest stages whose largest fits in the GPU
@@ -33,8 +34,8 @@ def render(p: Plan, dtype: str, gpu_bytes: int | None) -> str:
     lines = [f"{p.model_type}: {p.num_layers} layers, {p.total_param_bytes / scale:.2f} {unit} of parameters in {dtype}",
              f"{'stage':>5}  {'layers':>11}  {'params ' + unit:>10}  {'KV MiB/1k tokens':>16}"]
     for s in p.stages:
-        lines.append(f"{s.index:>5}  {f'[{s.layers[0]}, {s.layers[1]})':>11}  {s.param_bytes / scale:>10.2f}  "
-                     f"{s.kv_bytes_per_token * 1000 / 2**20:>16.1f}")
+        kv = f"{s.kv_bytes_per_token * 1000 / 2**20:.1f}" if s.kv_bytes_per_token else "-"  # an encoder keeps none
+        lines.append(f"{s.index:>5}  {f'[{s.layers[0]}, {s.layers[1]})':>11}  {s.param_bytes / scale:>10.2f}  {kv:>16}")
     if gpu_bytes:
         lines.append(f"GPUs needed at {gpu_bytes / gib:.0f} GiB each: {len(p.stages)}")
     return "\n".join(lines)

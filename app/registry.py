@@ -58,7 +58,10 @@ class ModelRegistry:
         self._handles = handles
         self._info: dict[str, ModelInfo] = {}
         self._batchers: dict[str, EdgeBatcher[EmbedJob, EmbedResult | RayInferError]] = {
-            name: EdgeBatcher(self._sender(handles[name]), size_of=len, max_items=config.edge_batch_max_items)
+            # One batch more in flight than the model runs at once (a pipeline runs one per micro-batch),
+            # so the next is already gathering at the replica.
+            name: EdgeBatcher(self._sender(handles[name]), size_of=len, max_items=config.edge_batch_max_items,
+                              max_inflight=m.microbatches + 1)
             for name, m in self._models.items()
             if m.task == "embed" and config.edge_batching
         }

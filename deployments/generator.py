@@ -48,7 +48,7 @@ class Generator:
         self.context = min(cfg.max_input_tokens or self.lm.max_context, self.lm.max_context)
         runners = [RemoteRunner(h) for h in stages] if stages else None
         self.engine = Engine(self.lm, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                             runners=runners)
+                             runners=runners, microbatches=cfg.microbatches)
         self.info = ModelInfo(
             name=cfg.name,
             task=cfg.task,
@@ -180,18 +180,18 @@ class Generator:
         return seqs
 
     def _run_engine(self) -> None:
-        last_step = None
+        last_step: dict[int, float] = {}  # by micro-batch group: its sequences' tokens come once per turn
         while True:
             self._wake.clear()
             if not self.engine.has_work():
                 self._wake.wait()
-                last_step = None
+                last_step.clear()
                 continue
             try:
-                start = time.perf_counter()
+                start, group = time.perf_counter(), self.engine.turn
                 outputs = self.engine.step()
-                self._record_step(outputs, start, last_step)
-                last_step = start
+                self._record_step(outputs, start, last_step.get(group))
+                last_step[group] = start
             except Exception:  # a bug or a device failure: fail the batch, keep serving
                 logger.exception("decode step failed; failing the running sequences")
                 outputs = [StepOutput(seq_id, "", None, "error") for seq_id in self.engine.drop_all()]

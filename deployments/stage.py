@@ -1,8 +1,10 @@
-"""A pipeline stage: one deployment holds layers [start, end) of a causal LM and their KV caches.
+"""A pipeline stage: one deployment holds layers [start, end) of a model.
 
-The Generator's engine drives the stages in order each step; a stage's output travels to the
-next as a DeploymentResponse argument, so hidden states go replica to replica through Ray's
-object store, never back through the Generator. Only the last stage's logits come back.
+Of a causal LM, with its sequences' KV caches: the Generator's engine drives the stages in order
+each step. Of an encoder (task embed): the Embedder sends each batch's token ids and mask through
+the stages; the last pools. Either way a stage's output travels to the next as a
+DeploymentResponse argument, so hidden states go replica to replica through Ray's object store,
+never back through the driver. Only the last stage's logits or vectors come back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from ray import serve
 
 from app.config import ModelConfig
 from deployments.replica import replica_device, replica_threads
+from models.embedding import Hidden
+from models.encoder_stages import load_encoder_stage
 from models.loader import resolve_source
 from models.stages import stage_runner
 
@@ -27,7 +31,11 @@ class Stage:
     def __init__(self, cfg: ModelConfig, index: int, start: int, end: int):
         torch.set_num_threads(replica_threads(cfg))
         device = replica_device(cfg)
-        self.runner = stage_runner(resolve_source(cfg.source), start, end, device, cfg.dtype)
+        path = resolve_source(cfg.source)
+        if cfg.task == "embed":
+            self.encoder = load_encoder_stage(path, start, end, device)
+        else:
+            self.runner = stage_runner(path, start, end, device, cfg.dtype)
         self.layers = (start, end)
         self._lock = threading.Lock()  # Serve may run two calls at once (a fire-and-forget drop, a decode)
         logger.info("Stage %d of %s: layers [%d, %d) on %s", index, cfg.name, start, end, device)
@@ -37,9 +45,15 @@ class Stage:
         with self._lock:
             return self.runner.prefill(seq_id, x).cpu()
 
-    def decode(self, seq_ids: list[str], x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def decode(self, seq_ids: list[str], x: torch.Tensor, lengths: list[int], group: int = 0) -> torch.Tensor:
         with self._lock:
-            return self.runner.decode(seq_ids, x, lengths).cpu()
+            return self.runner.decode(seq_ids, x, lengths, group).cpu()
+
+    def encode(self, x: Hidden) -> Hidden | torch.Tensor:
+        """Encoder stage: token states and mask in; the next stage's, or the last stage's vectors, out."""
+        with self._lock:
+            out = self.encoder(x)
+            return out if isinstance(out, torch.Tensor) else Hidden(out.states.cpu(), out.mask)
 
     def drop(self, seq_ids: list[str]) -> None:
         with self._lock:
@@ -64,8 +78,8 @@ class RemoteRunner:
     def prefill(self, seq_id, x):
         return self.handle.prefill.remote(seq_id, x)
 
-    def decode(self, seq_ids, x, lengths):
-        return self.handle.decode.remote(seq_ids, x, lengths)
+    def decode(self, seq_ids, x, lengths, group=0):
+        return self.handle.decode.remote(seq_ids, x, lengths, group)
 
     def drop(self, seq_ids):
         self.handle.drop.remote(seq_ids)

@@ -87,8 +87,9 @@ def rayinfer_config(variant: dict) -> dict:
     config = serve_config_on(free_port())
     app = config["applications"][0]
     app["args"] = {**app["args"], **variant.get("args", {})}
-    # The embedding model alone: the generation model's replica would idle beside it.
-    app["args"]["models"] = [{**m, **variant.get("model", {})} for m in app["args"]["models"] if m["task"] == "embed"]
+    # The unsplit embedding model alone: the other models' replicas would idle beside it.
+    app["args"]["models"] = [{**m, **variant.get("model", {})} for m in app["args"]["models"]
+                           if m["task"] == "embed" and m.get("pipeline_stages", 1) == 1]
     keep = {"Ingress"} | {f"Embedder-{m['name']}" for m in app["args"]["models"]}
     app["deployments"] = [d for d in app["deployments"] if d["name"] in keep]
     for d in app["deployments"]:

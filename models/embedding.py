@@ -3,6 +3,9 @@
 Reads the checkpoint's sentence-transformers files (`modules.json`, `1_Pooling/config.json`,
 `sentence_bert_config.json`) for the pooling mode, normalisation and sequence limit, and
 falls back to mean pooling + L2 normalisation for a bare transformers checkpoint.
+
+The encoder runs as a chain of `EncoderStage`s: one holding the whole model, or a pipeline's
+stages (models/encoder_stages.py), each passing the next its hidden states with their mask.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 
@@ -60,18 +64,57 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, spec: PoolingSpec) -> torch.T
     return F.normalize(out, p=2, dim=1) if spec.normalize else out
 
 
-class EmbeddingModel:
-    """A transformers encoder plus sentence-transformers pooling."""
+@dataclass
+class Hidden:
+    """What crosses from one encoder stage to the next: token states and the mask that belongs to them."""
 
-    def __init__(self, path: Path, device: str = "cpu", max_input_tokens: int | None = None):
+    states: torch.Tensor  # into the first stage: token ids [B, T]; between stages: hidden states [B, T, H]
+    mask: torch.Tensor  # [B, T]: 1 for a token, 0 for padding
+
+
+class EncoderStage:
+    """An encoder's layers [start, end), or all of them, called on a `Hidden` batch.
+
+    The first stage (`first`) takes token ids, the others hidden states; the last (`last`) pools.
+    models/encoder_stages.py loads a stage of a checkpoint.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: PoolingSpec, device: torch.device, first: bool, last: bool):
+        self.model, self.spec, self.device, self.first, self.last = model, spec, device, first, last
+
+    @torch.inference_mode()
+    def __call__(self, x: Hidden) -> Hidden | torch.Tensor:
+        """The next stage's input, or from the last stage the pooled vectors (float32 [B, H], on the CPU)."""
+        mask = x.mask.to(self.device)
+        states = x.states.to(self.device)
+        inputs = {"input_ids": states} if self.first else {"inputs_embeds": states}
+        hidden = self.model(**inputs, attention_mask=mask).last_hidden_state
+        if self.last:
+            return pool(hidden.float(), mask, self.spec).cpu()
+        return Hidden(hidden, x.mask)
+
+
+class EmbeddingModel:
+    """A tokenizer over a chain of encoder stages: the whole model as one stage, or a pipeline's stages.
+
+    weights=False: tokenizer and config only, for a pipeline's driver (the weights live in its
+    stages); `stages`: in-process stages to run instead of the whole model.
+    """
+
+    def __init__(self, path: Path, device: str = "cpu", max_input_tokens: int | None = None,
+                 weights: bool = True, stages: list[Callable[[Hidden], Hidden | torch.Tensor]] | None = None):
         self.path = Path(path)
         self.device = torch.device(device)
         self.spec = read_pooling_spec(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
-        model_limit = getattr(self.model.config, "max_position_embeddings", None) or 512
+        self.model = None
+        if weights and not stages:
+            self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
+        self.stages = stages or ([EncoderStage(self.model, self.spec, self.device, True, True)] if self.model else [])
+        config = self.model.config if self.model is not None else AutoConfig.from_pretrained(self.path)
+        model_limit = getattr(config, "max_position_embeddings", None) or 512
         self.max_tokens = min(x for x in (max_input_tokens, self.spec.max_seq_length, model_limit) if x)
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(config.hidden_size)
         self.vocab_size = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id or 0
 
@@ -87,14 +130,12 @@ class EmbeddingModel:
         tail = ids[-1:] if n_special >= 2 else []
         return ids[: self.max_tokens - len(tail)] + tail
 
-    @torch.inference_mode()
-    def embed_ids(self, batch: list[list[int]], chunk_size: int = 64) -> np.ndarray:
-        """Embed token-id sequences; returns float32 [len(batch), dim] in input order.
+    def padded(self, batch: list[list[int]], chunk_size: int = 64) -> Iterator[tuple[list[int], Hidden]]:
+        """The batch sorted by length in chunks, each padded to its longest: (positions in `batch`, ids and mask).
 
-        Sorted by length and padded per chunk so short texts do not pay for long ones.
-        Results do not depend on what else is in the batch (padding is masked out).
+        Short texts do not pay for long ones; padding is masked, so a text's vector does not depend
+        on its chunk mates.
         """
-        out = np.empty((len(batch), self.dim), dtype=np.float32)
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
         for start in range(0, len(order), chunk_size):
             idx = order[start : start + chunk_size]
@@ -104,7 +145,14 @@ class EmbeddingModel:
             for row, i in enumerate(idx):
                 ids[row, : len(batch[i])] = torch.tensor(batch[i], dtype=torch.long)
                 mask[row, : len(batch[i])] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            out[idx] = pool(hidden.float(), mask, self.spec).cpu().numpy()
+            yield idx, Hidden(ids, mask)
+
+    @torch.inference_mode()
+    def embed_ids(self, batch: list[list[int]], chunk_size: int = 64) -> np.ndarray:
+        """Embed token-id sequences through the stages in turn; float32 [len(batch), dim] in input order."""
+        out = np.empty((len(batch), self.dim), dtype=np.float32)
+        for idx, x in self.padded(batch, chunk_size):
+            for stage in self.stages:
+                x = stage(x)
+            out[idx] = x.numpy()
         return out

@@ -5,6 +5,14 @@ one for a whole model, one per pipeline stage for a split one, the output of eac
 next. Sampling, stop strings and detokenization happen here, on the last runner's logits. Bounded by `max_batch_size` sequences and `max_batch_tokens`
 (prompt + max_tokens summed over running sequences).
 
+Micro-batches (`microbatches` > 1, for pipeline stages): the running sequences are split into
+groups that take turns, one per `step()`: a group's turn samples the tokens of its last decode,
+admits and prefills waiting sequences, and launches its next decode. Remote stages answer later
+(a DeploymentResponse), so while one group's decode is in stage 1 the next group's is launched
+into stage 0: every stage works at once. A sequence stays in its group for life, and each stage
+keeps a batch cache per group. Tokens are the same whatever the grouping: each row is computed
+on its own, and each sequence samples from its own generator.
+
 Thread-safety: `add` and `abort` may be called from any thread; `step` from one thread.
 """
 
@@ -43,6 +51,7 @@ class _Seq:
     read_offset: int = 0
     emitted: int = 0  # characters of text already sent
     finish: str | None = None
+    group: int = 0  # its micro-batch group, for life
 
     @property
     def length(self) -> int:  # tokens in the cache
@@ -51,14 +60,18 @@ class _Seq:
 
 class Engine:
     def __init__(self, lm: CausalLM, max_batch_size: int = 32, max_batch_tokens: int = 65536,
-                 runners: list[KVRunner] | None = None):
+                 runners: list[KVRunner] | None = None, microbatches: int = 1):
         self.lm = lm  # tokenizer, EOS ids; its weights are used only when no runners are given
         self.runners = runners or [KVRunner(lm.model, lm.device)]
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.microbatches = microbatches
+        self.turn = 0  # the group whose turn the next step is
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._aborted: set[str] = set()
+        self._launched: dict[int, tuple[list[_Seq], object]] = {}  # group -> (its sequences, its decode's answer)
+        self._to_drop: dict[int, list[str]] = {}  # group -> ids to drop once its decode in flight is back
         self._lock = threading.Lock()
 
     def add(self, seq_id: str, prompt: list[int], params: SamplingParams) -> None:
@@ -75,7 +88,7 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._running)
+            return bool(self._waiting or self._running or self._launched)
 
     @property
     def running(self) -> int:
@@ -91,34 +104,51 @@ class Engine:
             ids = [s.id for s in self._running] + [s.id for s in self._waiting]
             self._running, self._waiting = [], deque()
             self._aborted.clear()
+            self._launched.clear()
+            self._to_drop.clear()
             for runner in self.runners:
                 runner.reset()
             return ids
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Admit waiting sequences (prefill), then one decode step for the others."""
-        admitted, gone = self._admit()
-        decoding = [s for s in self._running if s not in admitted]
-        outputs = [self._emit(s, self._prefill(s)) for s in admitted]
-        if decoding:
-            outputs += [self._emit(s, t) for s, t in zip(decoding, self._decode(decoding))]
-        gone += [s.id for s in self._running if s.finish is not None]
+        """One group's turn (with one group, a whole decode step): the tokens of its last decode, the
+        waiting sequences admitted and prefilled, then its next decode launched."""
+        group, self.turn = self.turn, (self.turn + 1) % self.microbatches
+        admitted, aborted = self._admit()
+        outputs = []
+        seqs, answer = self._launched.pop(group, ([], None))
+        if seqs:
+            logits = _resolved(answer)
+            rows = [i for i, s in enumerate(seqs) if s.finish is None and s.id not in aborted]
+            live = [seqs[i] for i in rows]
+            outputs += [self._emit(s, t) for s, t in zip(live, self._sample(logits[rows], live))]
+        outputs += [self._emit(s, self._prefill(s)) for s in admitted]
+        for s in [*aborted.values(), *(s for s in self._running if s.finish is not None)]:
+            self._to_drop.setdefault(s.group, []).append(s.id)
+        self._running = [s for s in self._running if s.finish is None]
+        # A group's sequences are dropped only while none of its decodes is in flight in the stages.
+        gone = [i for g in [g for g in self._to_drop if g not in self._launched] for i in self._to_drop.pop(g)]
         if gone:
             for runner in self.runners:
                 runner.drop(gone)
-        self._running = [s for s in self._running if s.finish is None]
+        mine = [s for s in self._running if s.group == group]
+        if mine:
+            self._launched[group] = (mine, self._decode(mine, group))
         return outputs
 
-    def _admit(self) -> tuple[list[_Seq], list[str]]:
-        """Sequences admitted now, and the ids of aborted ones."""
+    def _admit(self) -> tuple[list[_Seq], dict[str, _Seq]]:
+        """Sequences admitted now (each into the smallest group), and the aborted ones by id."""
         with self._lock:
-            gone = [s.id for s in self._running if s.id in self._aborted]
+            aborted = {s.id: s for s in self._running if s.id in self._aborted}
             if self._aborted:
                 self._running = [s for s in self._running if s.id not in self._aborted]
                 self._waiting = deque(s for s in self._waiting if s.id not in self._aborted)
                 self._aborted.clear()
             budget = self.max_batch_tokens - sum(len(s.prompt) + s.params.max_tokens for s in self._running)
+            sizes = [0] * self.microbatches
+            for s in self._running:
+                sizes[s.group] += 1
             admitted = []
             while self._waiting and len(self._running) < self.max_batch_size:
                 cost = len(self._waiting[0].prompt) + self._waiting[0].params.max_tokens
@@ -126,9 +156,11 @@ class Engine:
                     break
                 seq = self._waiting.popleft()
                 budget -= cost
+                seq.group = sizes.index(min(sizes))
+                sizes[seq.group] += 1
                 admitted.append(seq)
                 self._running.append(seq)
-            return admitted, gone
+            return admitted, aborted
 
     def _prefill(self, seq: _Seq) -> int:
         x = torch.tensor([seq.prompt], device=self.lm.device)
@@ -136,12 +168,13 @@ class Engine:
             x = runner.prefill(seq.id, x)
         return self._sample(_resolved(x), [seq])[0]
 
-    def _decode(self, seqs: list[_Seq]) -> list[int]:
+    def _decode(self, seqs: list[_Seq], group: int):
+        """Launch one decode of the group through the runners: logits, or (remote stages) their future answer."""
         ids, lengths = [s.id for s in seqs], [s.length for s in seqs]
         x = torch.tensor([[s.out[-1]] for s in seqs], device=self.lm.device)
         for runner in self.runners:
-            x = runner.decode(ids, x, lengths)
-        return self._sample(_resolved(x), seqs)
+            x = runner.decode(ids, x, lengths, group)
+        return x
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
         tokens = []

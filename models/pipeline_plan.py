@@ -24,7 +24,7 @@ class Stage:
     index: int
     layers: tuple[int, int]  # [start, end)
     param_bytes: int
-    kv_bytes_per_token: int  # KV cache of this stage's layers, per token of one sequence
+    kv_bytes_per_token: int  # KV cache of this stage's layers, per token of one sequence (0: an encoder keeps none)
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,15 @@ def load_config(source: str | Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(resolve_source(str(source)))
 
 
+def is_causal(config: PretrainedConfig) -> bool:
+    """A causal LM (a generation model, with a KV cache), not an encoder."""
+    return any(a.endswith("ForCausalLM") or "LMHead" in a for a in (config.architectures or []))
+
+
 def layer_bytes(config: PretrainedConfig, dtype: str) -> tuple[int, list[int], int]:
     """(first-stage extras, per-layer, last-stage extras) parameter bytes."""
-    causal = any(a.endswith("ForCausalLM") or "LMHead" in a for a in (config.architectures or []))
     with torch.device("meta"):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        model = (AutoModelForCausalLM if is_causal(config) else AutoModel).from_config(config)
     prefix, layers = _layer_list(model)
     size = DTYPE_BYTES[dtype]
     per_layer = [sum(p.numel() for p in layer.parameters()) * size for layer in layers]
@@ -129,7 +133,7 @@ def plan(config: PretrainedConfig, stages: int, dtype: str = "bfloat16", boundar
     edges = [0, *cuts, n]
     if sorted(set(edges)) != edges or len(edges) != stages + 1:
         raise ValueError(f"boundaries must be {stages - 1} increasing layer indices within (0, {n}); got {cuts}")
-    kv = kv_bytes_per_token_per_layer(config, dtype)
+    kv = kv_bytes_per_token_per_layer(config, dtype) if is_causal(config) else 0
     result = []
     for k in range(stages):
         a, b = edges[k], edges[k + 1]

@@ -6,7 +6,8 @@ model's own code computes rotary positions, masks and caches exactly as in the w
 - later stages take hidden states (`inputs_embeds`);
 - the last stage keeps the final norm and the head and returns logits; the others return
   hidden states, with the final norm replaced by the identity.
-Only the stage's tensors are read from the safetensors files (sharded checkpoints included).
+Only the stage's tensors are read from the safetensors files (sharded checkpoints included), into a
+model built on the meta device: loading needs the stage's memory once, not a random copy beside it.
 Supported: architectures whose layers live in `model.layers` and whose embeddings add no
 position term (Llama, Mistral, Qwen2/3 families, tiny-lm); GPT-2 is not.
 """
@@ -16,16 +17,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from models.causal_lm import DTYPES
 from models.kv_runner import KVRunner
-
-LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-
 
 def _shards(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
@@ -37,23 +36,26 @@ def _shards(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> dict[str, torch.Tensor]:
-    """The stage's tensors, renamed as the truncated model names them (`model.` prefix kept)."""
+def read_range(path: Path, layers: str, start: int, end: int, keep: Callable[[str], bool],
+               strip: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of layers [start, end) of the checkpoint (`<layers>.<i>.…`, renumbered from 0) and the
+    other tensors `keep` accepts; only those are read. `strip` is a prefix some checkpoints put
+    before every name (`bert.`), removed first."""
+    pattern = re.compile(rf"^{re.escape(layers)}\.(\d+)\.(.*)$")
+    shards = _shards(path)
     wanted: dict[str, str] = {}  # checkpoint name -> stage name
-    for name in _shards(path):
-        m = LAYER.match(name)
+    for name in shards:
+        bare = name.removeprefix(strip) if strip else name
+        m = pattern.match(bare)
         if m:
-            i = int(m.group(1))
-            if start <= i < end:
-                wanted[name] = f"model.layers.{i - start}.{m.group(2)}"
-        elif name.startswith("model.embed_tokens.") and (first or (last and tied)):
-            wanted[name] = name
-        elif (name.startswith("model.norm.") or name.startswith("lm_head.")) and last:
-            wanted[name] = name
-    state, shards = {}, _shards(path)
+            if start <= int(m.group(1)) < end:
+                wanted[name] = f"{layers}.{int(m.group(1)) - start}.{m.group(2)}"
+        elif keep(bare):
+            wanted[name] = bare
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
         by_file.setdefault(shards[name], []).append(name)
+    state = {}
     for file, names in by_file.items():
         with safe_open(file, "pt") as f:
             for name in names:
@@ -61,21 +63,35 @@ def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied:
     return state
 
 
-def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, bool, bool]:
-    """The stage's model, and whether it is the first and the last stage."""
-    path = Path(path)
+def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> dict[str, torch.Tensor]:
+    """The causal LM stage's tensors, renamed as the truncated model names them (`model.` prefix kept)."""
+
+    def keep(name: str) -> bool:
+        if name.startswith("model.embed_tokens."):
+            return first or (last and tied)
+        return last and name.startswith(("model.norm.", "lm_head."))
+
+    return read_range(path, "model.layers", start, end, keep)
+
+
+def stage_config(path: Path, start: int, end: int) -> tuple[PretrainedConfig, bool, bool]:
+    """The checkpoint's config cut to layers [start, end), and whether the stage is the first and the last."""
     config = AutoConfig.from_pretrained(path)
     total = config.num_hidden_layers
     if not 0 <= start < end <= total:
         raise ValueError(f"layer range [{start}, {end}) is not within the model's {total} layers")
-    first, last = start == 0, end == total
     config.num_hidden_layers = end - start
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[start:end]
+    return config, start == 0, end == total
+
+
+def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, bool, bool]:
+    """The stage's model, and whether it is the first and the last stage."""
+    path = Path(path)
+    config, first, last = stage_config(path, start, end)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    # Built for real (not on the meta device): rotary tables and other buffers that no checkpoint
-    # holds must be computed. Weights are then replaced by the checkpoint's.
-    model = AutoModelForCausalLM.from_config(config) if last else AutoModel.from_config(config)
+    model = build_on_meta(AutoModelForCausalLM if last else AutoModel, config)
     if not hasattr(model, "model" if last else "layers"):
         raise ValueError(f"{type(model).__name__}: pipeline stages need a Llama-like model (layers in model.layers)")
     state = stage_state(path, start, end, first, last, tied)
@@ -86,18 +102,40 @@ def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str
         base = model.model if last else model
         if not (last and tied):
             base.embed_tokens = None  # hidden states come in; no embedding table needed
-    missing, unexpected = _load(model, state)
+    missing, unexpected = materialise(model, state, tie=last and tied)
     if missing or unexpected:
         raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if last and tied:
-        model.tie_weights()
     return model.to(device=device, dtype=DTYPES[dtype]).eval(), first, last
 
 
-def _load(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]  # tied: filled by tie_weights
-    return missing, list(result.unexpected_keys)
+def build_on_meta(auto_class, config: PretrainedConfig) -> torch.nn.Module:
+    """The model's modules on the meta device: they take no memory until `materialise` gives them the stage's
+    tensors, so a stage never holds a randomly initialised copy of itself beside the checkpoint's."""
+    with torch.device("meta"):
+        return auto_class.from_config(config)
+
+
+def materialise(model: torch.nn.Module, state: dict[str, torch.Tensor], tie: bool = False) -> tuple[list[str], list[str]]:
+    """Put the checkpoint's tensors in place of a meta model's, then compute the buffers no checkpoint holds
+    (rotary inv_freq, position ids) with the model's own initialisation, as transformers' loading does.
+    Returns the parameters still missing and the unexpected checkpoint names."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if tie:
+        model.tie_weights()  # the head shares the embeddings: no tensor of its own in the checkpoint
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not tensor.is_meta:
+            tensor._is_hf_initialized = True  # transformers' init functions leave these alone
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    buffers = dict(model.named_buffers())
+    for name, buffer in buffers.items():
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+    if not missing:
+        model.initialize_weights()  # fills only what is not marked: the buffers just made
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    unexpected = [k for k in result.unexpected_keys if k not in buffers]  # e.g. an old checkpoint's position_ids
+    return missing or left, unexpected
 
 
 def stage_runner(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> KVRunner:

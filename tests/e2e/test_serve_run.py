@@ -35,7 +35,7 @@ def test_openai_client_embeddings_match_sentence_transformers(served, reference)
     result = client.embeddings.create(model=MODEL, input=texts)
     got = np.array([d.embedding for d in result.data])
     assert cosine(got, reference(texts)).min() >= 0.999
-    assert [m.id for m in client.models.list()] == [MODEL, "tiny-lm", "tiny-lm-pipeline"]
+    assert [m.id for m in client.models.list()] == [MODEL, "tiny-lm", "tiny-lm-pipeline", "all-MiniLM-L6-v2-pipeline"]
 
 
 def test_openai_client_streams_a_completion(served):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import numpy as np
 from ray import serve
 
 APP = "rayinfer"
@@ -63,3 +64,39 @@ def test_a_stage_dying_mid_stream_fails_the_stream_fast_and_the_pipeline_recover
     # Back in service with the restarted stage, and still the unsplit model's tokens.
     expected = text("tiny-lm")
     wait_for_condition(lambda: text("tiny-lm-pipeline") == expected, timeout=120, retry_interval_ms=1000)
+
+
+# all-MiniLM-L6-v2 split in 2: the Embedder drives two encoder Stage deployments.
+
+EMBED = "all-MiniLM-L6-v2-pipeline"
+
+
+def test_encoder_stages_are_deployments_of_their_own(serve_url):
+    deployments = serve.status().applications[APP].deployments
+    names = [f"Embedder-{EMBED}", f"Stage0-{EMBED}", f"Stage1-{EMBED}"]
+    assert {n: deployments[n].status for n in names} == dict.fromkeys(names, "HEALTHY")
+    layers = [serve.get_deployment_handle(f"Stage{k}-{EMBED}", app_name=APP).info.remote().result()["layers"]
+              for k in range(2)]
+    assert layers == [(0, 1), (1, 6)]  # balanced by bytes: the word embeddings weigh five layers
+
+
+def test_two_encoder_stages_give_the_unsplit_vectors_under_concurrency(serve_url):
+    from tests.helpers import MODEL
+
+    # Texts from 3 to ~200 tokens, so every batch pads most of its rows.
+    texts = [f"text {i}: " + "serving models online is mostly queueing " * (i % 7) * (1 + i % 5) for i in range(40)]
+    requests = [texts[i : i + 1 + i % 4] for i in range(0, 40, 2)]
+
+    async def run(model: str) -> list[np.ndarray]:
+        async with httpx.AsyncClient(base_url=serve_url, timeout=120) as c:
+            rs = await asyncio.gather(*(c.post("/v1/embeddings", json={"model": model, "input": r}) for r in requests))
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+        return [np.array([d["embedding"] for d in r.json()["data"]]) for r in rs]
+
+    embedder = serve.get_deployment_handle(f"Embedder-{EMBED}", app_name=APP)
+    before = embedder.batch_stats.remote().result()
+    split, whole = asyncio.run(run(EMBED)), asyncio.run(run(MODEL))
+    for got, expected in zip(split, whole):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    after = embedder.batch_stats.remote().result()
+    assert after["jobs"] - before["jobs"] == len(requests)  # every request went through the pipeline's driver

@@ -29,6 +29,12 @@ def test_default_config_serves_the_bundled_and_the_built_model():
         ({"models": [{"name": "a", "task": "embed", "source": "x", "max_batch_size": 0}]}, "max_batch_size"),
         ({"models": [{"name": "a", "task": "embed", "source": "x", "batch_size": 8}]}, "batch_size"),
         ({"models": [{"name": "a", "task": "dance", "source": "x"}]}, "task"),
+        ({"models": [{"name": "a", "task": "embed", "source": "x", "pipeline_stages": 2, "pipeline_boundaries": [1, 2]}]},
+         "pipeline_boundaries needs 1 layer indices"),
+        ({"models": [{"name": "a", "task": "embed", "source": "x", "pipeline_microbatches": 2}]},
+         "pipeline_microbatches needs pipeline_stages > 1"),
+        ({"models": [{"name": "a", "task": "generate", "source": "x", "pipeline_stages": 2, "pipeline_microbatches": 0}]},
+         "pipeline_microbatches"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_problem(args, words):
@@ -54,11 +60,32 @@ def test_serve_config_validates_against_ray_schema_and_ours(path):
         if d.name != "Ingress" and not d.name.startswith("Stage"):
             model = next(m for m in config.models if m.deployment_name == d.name)
             assert d.max_ongoing_requests >= model.max_batch_size, "batch size unreachable"
+            if model.task == "embed":  # a pipeline's batches in flight at once must all be able to fill
+                assert d.max_ongoing_requests >= model.max_batch_size * model.microbatches, d.name
 
 
 def test_build_app_binds_ingress_over_one_deployment_per_model():
     app = build_app({"models": [ModelConfig(name="m1", task="embed", source="x").model_dump()]})
     assert app._bound_deployment.name == "Ingress"
+
+
+def test_both_tasks_split_into_stages_and_microbatches_default_to_the_stage_count():
+    embed = ModelConfig(name="e", task="embed", source=f"bundled:{MODEL}", pipeline_stages=3)
+    generate = ModelConfig(name="g", task="generate", source="built:tiny-lm", pipeline_stages=2, pipeline_microbatches=1)
+    assert (embed.microbatches, generate.microbatches, ModelConfig(name="w", task="embed", source="x").microbatches) == (3, 1, 1)
+    app = build_app({"models": [embed.model_dump()]})
+    embedder = app._bound_deployment.init_args[1]["e"]
+    stages = embedder._bound_deployment.init_args[1]
+    assert [s._bound_deployment.name for s in stages] == ["Stage0-e", "Stage1-e", "Stage2-e"]
+    assert [s._bound_deployment.init_args[1:] for s in stages] == [(0, 0, 1), (1, 1, 2), (2, 2, 6)]  # balanced by bytes
+
+
+@pytest.mark.parametrize("extra,words", [({"pipeline_stages": 7}, "'e': pipeline_stages: stages must be between 1 and the number of layers (6)"),
+                                         ({"pipeline_stages": 2, "pipeline_boundaries": [6]}, "'e': pipeline_boundaries:")])
+def test_a_split_the_model_cannot_take_is_refused_naming_the_field(extra, words):
+    with pytest.raises(ValueError) as e:
+        build_app({"models": [{"name": "e", "task": "embed", "source": f"bundled:{MODEL}", **extra}]})
+    assert words in str(e.value)
 
 
 def test_resolve_bundled_built_and_local(tmp_path):

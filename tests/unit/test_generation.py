@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -183,3 +184,126 @@ def test_a_stage_range_outside_the_model_is_refused(lm):
 
     with pytest.raises(ValueError, match="not within the model's 4 layers"):
         load_stage(lm.path, 2, 6)
+
+
+# Micro-batches: the running batch split into groups that take turns, each stage keeping a cache per group.
+
+
+class Answer:
+    """A stage's answer as the engine sees a DeploymentResponse: the engine waits on it with .result()."""
+
+    def __init__(self, value, log, group):
+        self.value, self.log, self.group = value, log, group
+
+    def result(self):
+        self.log.append(f"wait {self.group}")
+        return self.value
+
+
+class Deferred:
+    """A real stage runner seen as a remote stage: it computes at once, in call order (a Stage replica takes its
+    calls one at a time), and answers with an `Answer`. The last stage logs when a group's decode is launched."""
+
+    def __init__(self, runner, log=None):
+        self.runner, self.log = runner, log
+
+    def prefill(self, seq_id, x):
+        return Answer(self.runner.prefill(seq_id, getattr(x, "value", x)), [], None)
+
+    def decode(self, seq_ids, x, lengths, group=0):
+        if self.log is not None:
+            self.log.append(f"launch {group}")
+        return Answer(self.runner.decode(seq_ids, getattr(x, "value", x), lengths, group), self.log or [], group)
+
+    def drop(self, seq_ids):
+        self.runner.drop(seq_ids)
+
+    def reset(self):
+        self.runner.reset()
+
+
+@pytest.mark.parametrize("microbatches", [2, 3])
+def test_micro_batches_through_two_stages_give_the_whole_models_tokens(lm, microbatches):
+    from models.stages import stage_runner
+
+    rng = random.Random(microbatches)
+    jobs = {f"s{i}": (lm.encode(p), SamplingParams(max_tokens=rng.randint(1, 30), temperature=0 if i % 2 else 0.8,
+                                                   top_p=1.0 if i % 3 else 0.8, seed=i))
+            for i, p in enumerate(PROMPTS * 3)}
+    whole = run(Engine(lm, max_batch_size=7), jobs)  # sequences join as others leave
+    stages = [Deferred(stage_runner(lm.path, 0, 2)), Deferred(stage_runner(lm.path, 2, 4), log=[])]
+    split = run(Engine(lm, max_batch_size=7, runners=stages, microbatches=microbatches), jobs)
+    assert split == whole
+
+
+def test_one_groups_decode_is_launched_while_the_others_is_in_flight(lm):
+    from models.stages import stage_runner
+
+    def pattern(microbatches: int) -> list[str]:
+        log: list[str] = []
+        stages = [Deferred(stage_runner(lm.path, 0, 2)), Deferred(stage_runner(lm.path, 2, 4), log=log)]
+        engine = Engine(lm, runners=stages, microbatches=microbatches)
+        for i in range(4):
+            engine.add(f"s{i}", lm.encode(PROMPTS[i]), SamplingParams(max_tokens=20, temperature=0.7, seed=i))
+        for _ in range(6):
+            engine.step()
+        return log[:6]
+
+    assert pattern(1) == ["launch 0", "wait 0", "launch 0", "wait 0", "launch 0", "wait 0"]
+    # Before the engine waits for a group's logits, the other group's decode is already on its way.
+    assert pattern(2) == ["launch 0", "launch 1", "wait 0", "launch 0", "wait 1", "launch 1"]
+
+
+def test_each_group_keeps_its_batch_cache_while_groups_take_turns(lm, monkeypatch):
+    from models.kv_runner import KVRunner
+    from models.stages import stage_runner
+
+    rebuilds = []
+    real = KVRunner._rebuild
+    monkeypatch.setattr(KVRunner, "_rebuild", lambda self, group, *a: rebuilds.append(group) or real(self, group, *a))
+    prompts = {f"s{i}": lm.encode(PROMPTS[i]) for i in range(4)}
+
+    def decode(groups: list[list[str]]) -> dict[str, torch.Tensor]:
+        runners = [stage_runner(lm.path, 0, 2), stage_runner(lm.path, 2, 4)]
+        length = {s: len(p) for s, p in prompts.items()}
+        for s, p in prompts.items():
+            x = torch.tensor([p])
+            for r in runners:
+                x = r.prefill(s, x)
+        out = {}
+        for step in range(5):
+            for g, ids in enumerate(groups):
+                x = torch.tensor([[7 + step]] * len(ids))
+                for r in runners:
+                    x = r.decode(ids, x, [length[s] for s in ids], g)
+                for s, row in zip(ids, x):
+                    out[s], length[s] = row, length[s] + 1
+        return out
+
+    together = decode([["s0", "s1", "s2", "s3"]])
+    rebuilds.clear()
+    alternating = decode([["s0", "s1"], ["s2", "s3"]])
+    assert rebuilds == [0, 0, 1, 1]  # once per group in each of the 2 stages, not once per turn
+    for s in prompts:
+        torch.testing.assert_close(alternating[s], together[s], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("start,end", [(0, 2), (2, 4), (1, 3)])
+def test_a_stage_built_on_the_meta_device_holds_the_checkpoints_weights_and_computed_buffers(lm, start, end):
+    from safetensors.torch import load_file
+
+    from models.stages import load_stage
+
+    stage, first, last = load_stage(lm.path, start, end)
+    whole = AutoModelForCausalLM.from_pretrained(lm.path).eval()
+    tensors = dict(stage.named_parameters()) | dict(stage.named_buffers())
+    assert not [name for name, t in tensors.items() if t.is_meta]
+    checkpoint = load_file(lm.path / "model.safetensors")
+    for name, p in stage.named_parameters():
+        m = re.match(r"^(model\.)?layers\.(\d+)\.(.*)$", name)
+        source = f"model.layers.{int(m.group(2)) + start}.{m.group(3)}" if m else ("model." + name.removeprefix("model."))
+        source = "model.embed_tokens.weight" if name == "lm_head.weight" else source  # tied head
+        assert torch.equal(p, checkpoint[source]), name  # loaded as is, not re-initialised
+    base = stage.model if last else stage
+    torch.testing.assert_close(base.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq, atol=0, rtol=0)
+    torch.testing.assert_close(base.rotary_emb.original_inv_freq, whole.model.rotary_emb.original_inv_freq, atol=0, rtol=0)

@@ -30,6 +30,14 @@ def test_the_encoder_splits_too():
     # stage 0 takes them and one layer.
     assert p.num_layers == 6 and [s.layers for s in p.stages] == [(0, 1), (1, 6)]
     assert sum(s.param_bytes for s in p.stages) == p.total_param_bytes
+    assert [s.kv_bytes_per_token for s in p.stages] == [0, 0]  # an encoder keeps no KV cache
+
+
+def test_cli_plans_an_encoder(capsys):
+    assert main(["--model", f"bundled:{MODEL}", "--stages", "2", "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "bert: 6 layers, 86.64 MiB of parameters in float32"
+    assert lines[2].split() == ["0", "[0,", "1)", "52.23", "-"] and lines[3].split()[:3] == ["1", "[1,", "6)"]
 
 
 def test_llama_70b_needs_three_80gib_gpus_in_bf16():
