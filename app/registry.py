@@ -100,9 +100,15 @@ class ModelRegistry:
     async def embed(self, name: str, job: EmbedJob) -> EmbedResult | RayInferError:
         """One request's job, through the model's edge batcher when there is one; retried if its replica dies."""
         batcher = self._batchers.get(name)
-        if batcher is not None and len(job) <= self.config.edge_batch_max_request_items:
-            return await self.retrying(name, lambda: batcher.submit(job))
-        return await self.retrying(name, lambda: self._handles[name].embed.remote(job))
+        use_batcher = batcher is not None and len(job) <= self.config.edge_batch_max_request_items
+
+        async def once() -> EmbedResult | RayInferError:
+            result = await (batcher.submit(job) if use_batcher else self._handles[name].embed.remote(job))
+            if isinstance(result, ReplicaLost):  # a pipeline stage died under the batch: run it again
+                raise result
+            return result
+
+        return await self.retrying(name, once)
 
     async def generate(self, name: str, job: GenerateJob) -> AsyncIterator[list[GenerateChunk] | RayInferError]:
         """Stream the job's chunks from the model's Generator; leaving early cancels the work there.

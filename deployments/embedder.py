@@ -19,7 +19,7 @@ from ray.exceptions import RayError
 
 from app import metrics
 from app.config import ModelConfig
-from app.errors import InputTooLong, InvalidInput, ModelNotReady, RayInferError
+from app.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.replica import replica_device, replica_threads
 from deployments.types import EmbedJob, EmbedResult, ModelInfo
 from models.embedding import EmbeddingModel
@@ -114,7 +114,7 @@ class Embedder:
             vectors = await self._forward(flat) if flat else None
         except RayError:  # a stage replica died or failed: retriable, as for a generation
             logger.warning("embedding through the pipeline stages failed", exc_info=True)
-            return [p if isinstance(p, RayInferError) else ModelNotReady("a pipeline stage failed; retry") for p in prepared]
+            return [p if isinstance(p, RayInferError) else ReplicaLost("a pipeline stage failed; retry") for p in prepared]
         m, model_tag = self._metrics, self._tags["model"]
         m.phase.observe(tokenized - start, self._tags["tokenize"])
         if flat:
