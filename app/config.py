@@ -188,7 +188,8 @@ class AppConfig(BaseModel):
         ge=1,
         le=1_000_000,
         description=(
-            "Inference requests one ingress replica handles at once; past it, 503 with Retry-After at once. "
+            "Inference requests (HTTP and gRPC together) one ingress replica handles at once; past it, 503 "
+            "with Retry-After at once (gRPC: UNAVAILABLE with grpc-retry-pushback-ms). "
             "Keep it below the Ingress's max_ongoing_requests so the ingress sheds before Serve queues."
         ),
     )

@@ -67,25 +67,40 @@ class AuthMiddleware:
         return await self.app(scope, receive, send)
 
 
-class InflightLimitMiddleware:
-    """Bounds the guarded requests one ingress replica handles at once: past the limit, a
-    503 with Retry-After at once, never a queue that turns into timeouts."""
+class InflightGate:
+    """The inference requests one ingress replica is handling, HTTP and gRPC together, and their
+    bound: past it, Overloaded (503 + Retry-After; gRPC UNAVAILABLE) at once, never a queue that
+    turns into timeouts."""
 
-    def __init__(self, app, limit_of: Callable[[], tuple[int, int]]):
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit, self.retry_after_s, self.count = limit, retry_after_s, 0
+
+    def enter(self) -> None:
+        if self.count >= self.limit:
+            raise Overloaded(f"the server has {self.limit} requests in flight (max_inflight_requests); retry shortly",
+                             retry_after_s=self.retry_after_s)
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+
+
+class InflightLimitMiddleware:
+    """The HTTP side of the replica's InflightGate, on guarded routes."""
+
+    def __init__(self, app, gate_of: Callable[[], InflightGate]):
         self.app = app
-        self.limit_of = limit_of  # (max in flight, Retry-After seconds)
-        self.inflight = 0
+        self.gate_of = gate_of
 
     async def __call__(self, scope, receive, send):
         if not guarded(scope):
             return await self.app(scope, receive, send)
-        limit, retry_after_s = self.limit_of()
-        if self.inflight >= limit:
-            exc = Overloaded(f"the server has {limit} requests in flight (max_inflight_requests); retry shortly",
-                             retry_after_s=retry_after_s)
+        gate = self.gate_of()
+        try:
+            gate.enter()
+        except Overloaded as exc:
             return await error_response(exc)(scope, receive, send)
-        self.inflight += 1
         try:
             return await self.app(scope, receive, send)
         finally:
-            self.inflight -= 1
+            gate.leave()

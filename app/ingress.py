@@ -20,7 +20,7 @@ from app.completion_schemas import ChatCompletionRequest, ChatCompletionResponse
 from app.completions import complete, first_item, sse_events
 from app.config import AppConfig
 from app.http_errors import ERROR_RESPONSES, BodyLimitMiddleware, install_error_handlers
-from app.http_guard import AuthMiddleware, InflightLimitMiddleware, load_api_keys
+from app.http_guard import AuthMiddleware, InflightGate, InflightLimitMiddleware, load_api_keys
 from app.http_metrics import MetricsMiddleware
 from app.oip_grpc import GRPCInferenceServicer
 from app.oip_rest import (
@@ -43,11 +43,11 @@ api = FastAPI(
     description="Model serving on Ray Serve: OpenAI-compatible (/v1) and Open Inference Protocol v2 (/v2).",
 )
 api.state.max_request_bytes = AppConfig.model_fields["max_request_bytes"].default
-api.state.inflight_limit = (AppConfig.model_fields["max_inflight_requests"].default, 1)
+api.state.inflight = InflightGate(AppConfig.model_fields["max_inflight_requests"].default, 1)
 api.state.api_keys = ()
 # Outermost last: metrics → API key → in-flight bound → body limit → route.
 api.add_middleware(BodyLimitMiddleware, limit_of=lambda: api.state.max_request_bytes)
-api.add_middleware(InflightLimitMiddleware, limit_of=lambda: api.state.inflight_limit)
+api.add_middleware(InflightLimitMiddleware, gate_of=lambda: api.state.inflight)
 api.add_middleware(AuthMiddleware, keys_of=lambda: api.state.api_keys)
 api.add_middleware(MetricsMiddleware)  # added last: outermost, so it also times 413s and 400s
 install_error_handlers(api)
@@ -59,7 +59,8 @@ class Ingress(GRPCInferenceServicer):
     def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]):
         self.registry = ModelRegistry(config, handles)
         api.state.max_request_bytes = config.max_request_bytes
-        api.state.inflight_limit = (config.max_inflight_requests, config.overload_retry_after_s)
+        # One bound for HTTP and gRPC inference alike (the gRPC servicer enters it too).
+        api.state.inflight = self.inflight = InflightGate(config.max_inflight_requests, config.overload_retry_after_s)
         api.state.api_keys = self.api_keys = load_api_keys(config)
 
     @api.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)

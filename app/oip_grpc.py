@@ -18,8 +18,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import grpc
 
 from app import metrics, oip
-from app.errors import INTERNAL, InvalidInput, RayInferError, Unauthorized, kind_of
-from app.http_guard import key_matches
+from app.errors import INTERNAL, InvalidInput, Overloaded, RayInferError, Unauthorized, kind_of
+from app.http_guard import InflightGate, key_matches
 from app.oip_tensors import Tensor, from_elements, from_raw, to_raw
 from app.protos import grpc_predict_v2_pb2 as pb
 from app.registry import ModelRegistry, as_rayinfer_error
@@ -112,15 +112,21 @@ def check_key(context: Any, keys: tuple[bytes, ...]) -> None:
 
 
 async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc: str,
-                  keys: tuple[bytes, ...] = ()) -> M:
+                  keys: tuple[bytes, ...] = (), gate: InflightGate | None = None) -> M:
     """Run one unary RPC: errors become the table's gRPC code; latency and errors are recorded as
-    for HTTP (route `grpc <RPC>`, status class from the table's HTTP status)."""
+    for HTTP (route `grpc <RPC>`, status class from the table's HTTP status). With a gate (inference
+    RPCs), the ingress's in-flight bound applies as over HTTP: UNAVAILABLE at once when full, with
+    `grpc-retry-pushback-ms` trailing metadata (gRPC's Retry-After)."""
     labels = metrics.RequestLabels(start=time.perf_counter())
     token = metrics.CURRENT.set(labels)
     recorder, status = metrics.ingress(), 200
     recorder.started()
+    entered = False
     try:
         check_key(context, keys)
+        if gate is not None:
+            gate.enter()
+            entered = True
         return await make()
     except asyncio.CancelledError:  # deadline or client gone: not caught, so the work stops
         status, labels.error = 499, "cancelled"
@@ -132,8 +138,12 @@ async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc:
         code, message = status_of(exc)
         context.set_code(code)
         context.set_details(message)
+        if isinstance(mapped, Overloaded):
+            context.set_trailing_metadata([("grpc-retry-pushback-ms", str(mapped.retry_after_s * 1000))])
         return empty
     finally:
+        if entered:
+            gate.leave()
         recorder.finished(f"grpc {rpc}", labels, status)
         metrics.CURRENT.reset(token)
 
@@ -143,6 +153,7 @@ class GRPCInferenceServicer:
 
     registry: ModelRegistry
     api_keys: tuple[bytes, ...] = ()  # set by the ingress; empty: no keys required
+    inflight: InflightGate | None = None  # set by the ingress: its in-flight bound, shared with HTTP
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -179,7 +190,7 @@ class GRPCInferenceServicer:
             resp = await oip.infer(self.registry, request_from_proto(request))
             return response_to_proto(resp, raw=bool(request.raw_input_contents))
 
-        return await _answer(grpc_context, pb.ModelInferResponse(), run, "ModelInfer", self.api_keys)
+        return await _answer(grpc_context, pb.ModelInferResponse(), run, "ModelInfer", self.api_keys, self.inflight)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], grpc_context: Any = None
@@ -188,19 +199,27 @@ class GRPCInferenceServicer:
         responses as they come; a request's error is an `error_message` and the stream goes on."""
         try:
             check_key(grpc_context, self.api_keys)
-        except Unauthorized as exc:
+            if self.inflight is not None:
+                self.inflight.enter()  # the whole stream counts as one request in flight
+        except (Unauthorized, Overloaded) as exc:
             grpc_context.set_code(grpc.StatusCode[kind_of(exc).grpc_code])
             grpc_context.set_details(exc.message)
+            if isinstance(exc, Overloaded):
+                grpc_context.set_trailing_metadata([("grpc-retry-pushback-ms", str(exc.retry_after_s * 1000))])
             return
-        async for request in requests:
-            raw = bool(request.raw_input_contents)
-            try:
-                async for resp in oip.infer_stream(self.registry, request_from_proto(request)):
-                    yield pb.ModelStreamInferResponse(infer_response=response_to_proto(resp, raw))
-            except Exception as exc:
-                _, message = status_of(exc)
-                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                yield pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+        try:
+            async for request in requests:
+                raw = bool(request.raw_input_contents)
+                try:
+                    async for resp in oip.infer_stream(self.registry, request_from_proto(request)):
+                        yield pb.ModelStreamInferResponse(infer_response=response_to_proto(resp, raw))
+                except Exception as exc:
+                    _, message = status_of(exc)
+                    echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                    yield pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+        finally:
+            if self.inflight is not None:
+                self.inflight.leave()
 
     async def RepositoryModelLoad(self, request: Any, grpc_context: Any = None) -> pb.RepositoryModelLoadResponse:
         return _unimplemented(grpc_context, pb.RepositoryModelLoadResponse(model_name=request.model_name))

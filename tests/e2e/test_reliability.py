@@ -113,6 +113,39 @@ def test_a_burst_of_800_gets_only_200s_and_fast_503s_with_retry_after(served):
     assert p50["503"] < 2 * p50["healthz"] + 0.5, p50
 
 
+def test_a_grpc_burst_gets_only_ok_and_unavailable_with_retry_pushback(served, config):
+    import grpc
+
+    from app.protos import grpc_predict_v2_pb2 as pb
+    from app.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    def request(i: int) -> pb.ModelInferRequest:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[4])
+        tensor.contents.bytes_contents.extend([f"grpc burst {i}".encode()] * 4)
+        return pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
+
+    async def one(stub, i: int) -> tuple[grpc.StatusCode, dict]:
+        call = stub.ModelInfer(request(i), metadata=(("authorization", f"Bearer {KEY}"),), timeout=120)
+        try:
+            await call
+        except grpc.aio.AioRpcError:
+            pass
+        return await call.code(), dict(await call.trailing_metadata() or ())
+
+    async def go():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{config['grpc_options']['port']}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return await asyncio.gather(*(one(stub, i) for i in range(400)))
+
+    results = asyncio.run(go())
+    codes = [code for code, _ in results]
+    print(f"gRPC burst of 400: {codes.count(grpc.StatusCode.OK)} OK, {codes.count(grpc.StatusCode.UNAVAILABLE)} UNAVAILABLE")
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
+    assert codes.count(grpc.StatusCode.OK) >= INFLIGHT // 2
+    assert grpc.StatusCode.UNAVAILABLE in codes, "400 at once must pass max_inflight_requests (64)"
+    assert all(meta.get("grpc-retry-pushback-ms") == "1000" for code, meta in results if code != grpc.StatusCode.OK)
+
+
 def test_schemathesis_finds_no_5xx(served):
     """Every operation of /openapi.json, with generated valid and invalid bodies: never a 5xx."""
     schema = schemathesis.openapi.from_url(f"{served}/openapi.json")

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app.config import AppConfig
 from app.errors import ERROR_TABLE, Unauthorized
 from app.http_errors import install_error_handlers
-from app.http_guard import AuthMiddleware, InflightLimitMiddleware, key_matches, load_api_keys
+from app.http_guard import AuthMiddleware, InflightGate, InflightLimitMiddleware, key_matches, load_api_keys
 
 
 class Gate:
@@ -29,7 +29,8 @@ class Gate:
 
 def _app(keys=(), limit=(1000, 1), gate: Gate | None = None) -> FastAPI:
     app = FastAPI()
-    app.add_middleware(InflightLimitMiddleware, limit_of=lambda: limit)
+    inflight = InflightGate(*limit)
+    app.add_middleware(InflightLimitMiddleware, gate_of=lambda: inflight)
     app.add_middleware(AuthMiddleware, keys_of=lambda: keys)
     install_error_handlers(app)
 
