@@ -75,13 +75,13 @@ class InflightGate:
     def __init__(self, limit: int, retry_after_s: int):
         self.limit, self.retry_after_s, self.count = limit, retry_after_s, 0
 
-    def enter(self) -> None:
+    def __enter__(self) -> None:
         if self.count >= self.limit:
             raise Overloaded(f"the server has {self.limit} requests in flight (max_inflight_requests); retry shortly",
                              retry_after_s=self.retry_after_s)
         self.count += 1
 
-    def leave(self) -> None:
+    def __exit__(self, *exc) -> None:
         self.count -= 1
 
 
@@ -97,10 +97,10 @@ class InflightLimitMiddleware:
             return await self.app(scope, receive, send)
         gate = self.gate_of()
         try:
-            gate.enter()
-        except Overloaded as exc:
+            gate.__enter__()
+        except Overloaded as exc:  # only the gate's own refusal: the app's errors are not answered here
             return await error_response(exc)(scope, receive, send)
         try:
             return await self.app(scope, receive, send)
         finally:
-            gate.leave()
+            gate.__exit__()

@@ -11,6 +11,7 @@ their handle call when left early).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import grpc
 
 from app import metrics, oip
-from app.errors import INTERNAL, InvalidInput, Overloaded, RayInferError, Unauthorized, kind_of
+from app.errors import INTERNAL, ErrorKind, InvalidInput, Overloaded, RayInferError, Unauthorized, kind_of
 from app.http_guard import InflightGate, key_matches
 from app.oip_tensors import Tensor, from_elements, from_raw, to_raw
 from app.protos import grpc_predict_v2_pb2 as pb
@@ -111,6 +112,18 @@ def check_key(context: Any, keys: tuple[bytes, ...]) -> None:
             raise Unauthorized("Incorrect or missing API key: send `authorization: Bearer <key>` metadata.")
 
 
+def _fail(context: Any, exc: BaseException) -> ErrorKind:
+    """End the RPC with the table's code and message for `exc` (and, when overloaded,
+    `grpc-retry-pushback-ms`: gRPC's Retry-After); returns the table's row."""
+    mapped = as_rayinfer_error(exc)
+    code, message = status_of(exc)
+    context.set_code(code)
+    context.set_details(message)
+    if isinstance(mapped, Overloaded):
+        context.set_trailing_metadata([("grpc-retry-pushback-ms", str(mapped.retry_after_s * 1000))])
+    return kind_of(mapped) if isinstance(mapped, RayInferError) else INTERNAL
+
+
 async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc: str,
                   keys: tuple[bytes, ...] = (), gate: InflightGate | None = None) -> M:
     """Run one unary RPC: errors become the table's gRPC code; latency and errors are recorded as
@@ -121,29 +134,18 @@ async def _answer(context: Any, empty: M, make: Callable[[], Awaitable[M]], rpc:
     token = metrics.CURRENT.set(labels)
     recorder, status = metrics.ingress(), 200
     recorder.started()
-    entered = False
     try:
         check_key(context, keys)
-        if gate is not None:
-            gate.enter()
-            entered = True
-        return await make()
+        with gate if gate is not None else contextlib.nullcontext():
+            return await make()
     except asyncio.CancelledError:  # deadline or client gone: not caught, so the work stops
         status, labels.error = 499, "cancelled"
         raise
     except Exception as exc:
-        mapped = as_rayinfer_error(exc)
-        kind = kind_of(mapped) if isinstance(mapped, RayInferError) else INTERNAL
+        kind = _fail(context, exc)
         status, labels.error = kind.http_status, kind.code
-        code, message = status_of(exc)
-        context.set_code(code)
-        context.set_details(message)
-        if isinstance(mapped, Overloaded):
-            context.set_trailing_metadata([("grpc-retry-pushback-ms", str(mapped.retry_after_s * 1000))])
         return empty
     finally:
-        if entered:
-            gate.leave()
         recorder.finished(f"grpc {rpc}", labels, status)
         metrics.CURRENT.reset(token)
 
@@ -199,27 +201,19 @@ class GRPCInferenceServicer:
         responses as they come; a request's error is an `error_message` and the stream goes on."""
         try:
             check_key(grpc_context, self.api_keys)
-            if self.inflight is not None:
-                self.inflight.enter()  # the whole stream counts as one request in flight
-        except (Unauthorized, Overloaded) as exc:
-            grpc_context.set_code(grpc.StatusCode[kind_of(exc).grpc_code])
-            grpc_context.set_details(exc.message)
-            if isinstance(exc, Overloaded):
-                grpc_context.set_trailing_metadata([("grpc-retry-pushback-ms", str(exc.retry_after_s * 1000))])
-            return
-        try:
-            async for request in requests:
-                raw = bool(request.raw_input_contents)
-                try:
-                    async for resp in oip.infer_stream(self.registry, request_from_proto(request)):
-                        yield pb.ModelStreamInferResponse(infer_response=response_to_proto(resp, raw))
-                except Exception as exc:
-                    _, message = status_of(exc)
-                    echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                    yield pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
-        finally:
-            if self.inflight is not None:
-                self.inflight.leave()
+            # The whole stream counts as one request in flight.
+            with self.inflight if self.inflight is not None else contextlib.nullcontext():
+                async for request in requests:
+                    raw = bool(request.raw_input_contents)
+                    try:
+                        async for resp in oip.infer_stream(self.registry, request_from_proto(request)):
+                            yield pb.ModelStreamInferResponse(infer_response=response_to_proto(resp, raw))
+                    except Exception as exc:  # a request's error: in-band, and the stream goes on
+                        _, message = status_of(exc)
+                        echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                        yield pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+        except (Unauthorized, Overloaded) as exc:  # refused before its first request
+            _fail(grpc_context, exc)
 
     async def RepositoryModelLoad(self, request: Any, grpc_context: Any = None) -> pb.RepositoryModelLoadResponse:
         return _unimplemented(grpc_context, pb.RepositoryModelLoadResponse(model_name=request.model_name))

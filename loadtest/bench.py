@@ -77,7 +77,7 @@ def naive_peer(log_dir: Path):
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, log_path)
+        wait_ready(f"{url}/readyz", proc, log_path)
         yield url
     finally:
         stop(proc)

@@ -53,13 +53,12 @@ def serve_env() -> dict[str, str]:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 240) -> None:
+    """Until GET `url` answers 200; a RuntimeError with the log's tail if `proc` exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
-        except httpx.HTTPError:
-            pass
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = log_path.read_text()[-4000:] if log_path.exists() else ""
             raise RuntimeError(f"{proc.args[0]} did not become ready (exit {proc.poll()}):\n{tail}")
@@ -90,7 +89,7 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
-        wait_ready(url, proc, log_path)
+        wait_ready(f"{url}/readyz", proc, log_path)
         yield url
     finally:
         stop(proc)
@@ -131,15 +130,8 @@ def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
     with log_path.open("w") as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"http://127.0.0.1:{ports['--dashboard-port']}", auth)
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{head.dashboard}/api/gcs_healthz", timeout=2).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start did not come up (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)  # polling the dashboard's health endpoint
+        wait_ready(f"{head.dashboard}/api/gcs_healthz", proc, log_path, timeout_s=180)
         yield head
     finally:
         stop(proc)  # `ray start --block` takes its processes down with it
