@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test test-unit bench clean protos
+.PHONY: setup serve test test-unit lint bench clean protos
 
 TINY_LM := artifacts/models/tiny-lm
 
@@ -22,13 +22,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Foreground, HTTP on 127.0.0.1:8000 and gRPC on :9000 (see serve_config.yaml). Ctrl-C stops it.
-# The cluster environment (HAProxy, latency buckets) is loadtest/servers.py's SERVE_ENV.
+# The serving environment (HAProxy, latency buckets) comes from app/environment.py.
 serve: setup
-	env $$($(PY) -m loadtest.servers) $(VENV)/bin/serve run serve_config.yaml
+	env $$($(PY) -m app.environment) $(VENV)/bin/serve run serve_config.yaml
+
+# Gates first (seconds): lint, format, and the type check of app/, deployments/, models/.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
 # not share a machine-wide Ray session with the integration tests' cluster.
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests/unit tests/integration
 	$(PY) -m pytest -q tests/e2e
 
@@ -38,14 +44,14 @@ test-unit: setup
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Regenerates the committed gRPC stubs (app/protos/*_pb2*.py) after an edit of the .proto;
-# nothing is generated at run time. Run from the repository root so they import as app.protos.
+# Regenerates the committed gRPC stubs (app/oip/grpc/*_pb2*.py) after an edit of the .proto;
+# nothing is generated at run time. Run from the repository root so they import as app.oip.grpc.
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. app/protos/grpc_predict_v2.proto
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. app/oip/grpc/grpc_predict_v2.proto
 
 # Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
 # (one-at-a-time generate vs continuous batching at 1-32 streams): ~9 minutes.
 # Not a test: no assertions on speed. Review artifacts/bench/{bench,generate}.md, then copy them into BENCHMARKS.md.
 bench: setup
-	$(PY) -m loadtest.bench
-	$(PY) -m loadtest.bench_generate
+	$(PY) -m benchmarks.bench
+	$(PY) -m benchmarks.bench_generate

@@ -26,7 +26,9 @@ class ModelConfig(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
     )
     task: Literal["embed", "generate"] = Field(
-        description="What the model serves: `embed` (/v1/embeddings) or `generate` (/v1/completions, /v1/chat/completions)."
+        description=(
+            "What the model serves: `embed` (/v1/embeddings) or `generate` (/v1/completions, /v1/chat/completions)."
+        )
     )
     source: str = Field(
         description=(
@@ -41,7 +43,9 @@ class ModelConfig(BaseModel):
         32,
         ge=1,
         le=1024,
-        description="embed: most requests one forward pass gathers (`@serve.batch`); generate: most sequences decoded together.",
+        description=(
+            "embed: most requests one forward pass gathers (`@serve.batch`); generate: most sequences decoded together."
+        ),
     )
     max_batch_tokens: int = Field(
         65536,
@@ -125,11 +129,13 @@ class ModelConfig(BaseModel):
         return self.pipeline_microbatches or self.pipeline_stages
 
     @model_validator(mode="after")
-    def _pipeline(self) -> "ModelConfig":
+    def _pipeline(self) -> ModelConfig:
         if self.pipeline_microbatches is not None and self.pipeline_stages == 1:
             raise ValueError("pipeline_microbatches needs pipeline_stages > 1")
         if self.pipeline_boundaries is not None and len(self.pipeline_boundaries) != self.pipeline_stages - 1:
-            raise ValueError(f"pipeline_boundaries needs {self.pipeline_stages - 1} layer indices for {self.pipeline_stages} stages")
+            raise ValueError(
+                f"pipeline_boundaries needs {self.pipeline_stages - 1} layer indices for {self.pipeline_stages} stages"
+            )
         return self
 
 
@@ -211,7 +217,7 @@ class AppConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "AppConfig":
+    def _unique_names(self) -> AppConfig:
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

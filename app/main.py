@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
+from ray.serve.deployment import Deployment
 
 from app.config import AppConfig, ModelConfig
 from app.ingress import Ingress
@@ -16,12 +17,13 @@ from deployments.stage import Stage
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """Validate `args` (see `app.config.AppConfig`) and bind the graph: Ingress → one deployment per model.
 
-    Deployment options set here are defaults; the `deployments:` section of
-    `serve_config.yaml` overrides them by deployment name.
+    Each deployment option has one default: the class's `@serve.deployment`, or, where it follows
+    from the model's config, here (never both: tests/unit/test_deployment_options.py). The
+    `deployments:` section of `serve_config.yaml` overrides either by deployment name.
     """
     config = AppConfig.model_validate(args or {})
     handles = {
-        m.name: (Embedder if m.task == "embed" else Generator)
+        m.name: deployment(Embedder if m.task == "embed" else Generator)
         .options(
             name=m.deployment_name,
             # Enough in flight per replica for a full batch to form, and the next to queue.
@@ -30,7 +32,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         .bind(m, *([stages(m)] if m.pipeline_stages > 1 else []))
         for m in config.models
     }
-    return Ingress.bind(config, handles)
+    return deployment(Ingress).bind(config, handles)
+
+
+def deployment(cls: object) -> Deployment:
+    """A `@serve.deployment` class as what it is at run time (type checkers see the class)."""
+    assert isinstance(cls, Deployment), cls
+    return cls
 
 
 def stages(m: ModelConfig) -> list:
@@ -44,4 +52,4 @@ def stages(m: ModelConfig) -> list:
     except ValueError as exc:
         field = "pipeline_boundaries" if m.pipeline_boundaries is not None else "pipeline_stages"
         raise ValueError(f"model {m.name!r}: {field}: {exc}") from exc
-    return [Stage.options(name=m.stage_name(s.index)).bind(m, s.index, *s.layers) for s in layout.stages]
+    return [deployment(Stage).options(name=m.stage_name(s.index)).bind(m, s.index, *s.layers) for s in layout.stages]

@@ -17,8 +17,18 @@ import sys
 
 from models.pipeline_plan import DTYPE_BYTES, Plan, gpus_needed, load_config, plan
 
-UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
-         "gb": 10**9, "tb": 10**12}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -31,8 +41,10 @@ def parse_bytes(text: str) -> int:
 def render(p: Plan, dtype: str, gpu_bytes: int | None) -> str:
     gib = 2**30
     unit, scale = ("GiB", gib) if p.total_param_bytes >= gib else ("MiB", 2**20)
-    lines = [f"{p.model_type}: {p.num_layers} layers, {p.total_param_bytes / scale:.2f} {unit} of parameters in {dtype}",
-             f"{'stage':>5}  {'layers':>11}  {'params ' + unit:>10}  {'KV MiB/1k tokens':>16}"]
+    lines = [
+        f"{p.model_type}: {p.num_layers} layers, {p.total_param_bytes / scale:.2f} {unit} of parameters in {dtype}",
+        f"{'stage':>5}  {'layers':>11}  {'params ' + unit:>10}  {'KV MiB/1k tokens':>16}",
+    ]
     for s in p.stages:
         kv = f"{s.kv_bytes_per_token * 1000 / 2**20:.1f}" if s.kv_bytes_per_token else "-"  # an encoder keeps none
         lines.append(f"{s.index:>5}  {f'[{s.layers[0]}, {s.layers[1]})':>11}  {s.param_bytes / scale:>10.2f}  {kv:>16}")
@@ -42,8 +54,9 @@ def render(p: Plan, dtype: str, gpu_bytes: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app.plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m app.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True, help="a config.json, a checkpoint directory, or a source (built:tiny-lm)")
     ap.add_argument("--stages", type=int, help="number of stages (default: the fewest that fit --gpu-memory)")
     ap.add_argument("--boundaries", type=int, nargs="*", help="explicit first layer of stages 1..N-1")

@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from ray import serve
 from ray.exceptions import RayError
 
-from app import metrics
 from app.config import ModelConfig
-from app.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
+from app.core import metrics
+from app.core.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.replica import replica_device, replica_threads
 from deployments.types import EmbedJob, EmbedResult, ModelInfo
 from models.embedding import EmbeddingModel
@@ -28,7 +29,8 @@ from models.loader import resolve_source
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=10)
+# max_ongoing_requests comes from the model config (app/main.py: enough for a full batch and the next).
+@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 class Embedder:
     """Embeds texts or token ids with dynamic batching across concurrent requests."""
 
@@ -38,8 +40,9 @@ class Embedder:
         self.cfg = cfg
         self.stages = stages or []
         root = resolve_source(cfg.source)
-        self.model = EmbeddingModel(root, device=replica_device(cfg), max_input_tokens=cfg.max_input_tokens,
-                                    weights=not stages)
+        self.model = EmbeddingModel(
+            root, device=replica_device(cfg), max_input_tokens=cfg.max_input_tokens, weights=not stages
+        )
         self.info = ModelInfo(
             name=cfg.name,
             task=cfg.task,
@@ -54,9 +57,14 @@ class Embedder:
         self._tags = metrics.phase_tags(cfg.name, ("queue", "tokenize", "inference"))
         # Decorated here, not on the class, so the config sets every parameter, including how many
         # batches may be in flight (1 for a model held here; one per micro-batch for a pipeline).
-        self._batch = serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-                                  max_concurrent_batches=cfg.microbatches)(self._run_batch)
-        logger.info("Embedder %s loaded from %s on %s, %d threads", cfg.name, root, self.model.device, torch.get_num_threads())
+        self._batch = serve.batch(
+            max_batch_size=cfg.max_batch_size,
+            batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+            max_concurrent_batches=cfg.microbatches,
+        )(self._run_batch)
+        logger.info(
+            "Embedder %s loaded from %s on %s, %d threads", cfg.name, root, self.model.device, torch.get_num_threads()
+        )
 
     async def metadata(self) -> ModelInfo:
         return self.info
@@ -91,14 +99,14 @@ class Embedder:
         start = time.perf_counter()
         for arrived, _ in groups:
             self._metrics.phase.observe(start - arrived, self._tags["queue"])
-        groups = [group for _, group in groups]
-        jobs = [job for group in groups for job in group]
+        calls = [jobs for _, jobs in groups]
+        jobs = [job for call in calls for job in call]
         self._stats["batches"] += 1
         self._stats["jobs"] += len(jobs)
         self._stats["max_jobs_per_batch"] = max(self._stats["max_jobs_per_batch"], len(jobs))
         results = await self._run(jobs)
         out, offset = [], 0
-        for group in groups:
+        for group in calls:
             out.append(results[offset : offset + len(group)])
             offset += len(group)
         return out
@@ -114,7 +122,9 @@ class Embedder:
             vectors = await self._forward(flat) if flat else None
         except RayError:  # a stage replica died or failed: retriable, as for a generation
             logger.warning("embedding through the pipeline stages failed", exc_info=True)
-            return [p if isinstance(p, RayInferError) else ReplicaLost("a pipeline stage failed; retry") for p in prepared]
+            return [
+                p if isinstance(p, RayInferError) else ReplicaLost("a pipeline stage failed; retry") for p in prepared
+            ]
         m, model_tag = self._metrics, self._tags["model"]
         m.phase.observe(tokenized - start, self._tags["tokenize"])
         if flat:
@@ -127,6 +137,7 @@ class Embedder:
             if isinstance(p, RayInferError):
                 results.append(p)
                 continue
+            assert vectors is not None  # some input was forwarded
             results.append(EmbedResult(vectors=vectors[offset : offset + len(p)], prompt_tokens=sum(map(len, p))))
             offset += len(p)
         return results
@@ -147,9 +158,10 @@ class Embedder:
         # here holds a lock across the chain, so the next batch can enter Stage0 meanwhile.
         chunks = list(self.model.padded(flat, self.cfg.max_batch_size))
         pending = []
-        for _, x in chunks:
+        for _, hidden in chunks:
+            x: Any = hidden
             for stage in self.stages:
-                x = stage.encode.remote(x)
+                x = stage.encode.remote(x)  # a DeploymentResponse, passed on unresolved
             pending.append(x)
         out = np.empty((len(flat), self.model.dim), dtype=np.float32)
         for (idx, _), vectors in zip(chunks, await asyncio.gather(*pending)):
@@ -163,7 +175,7 @@ class Embedder:
             if bad is not None:
                 return InvalidInput(f"token id {bad} is outside the vocabulary [0, {self.info.vocab_size})", "input")
         else:
-            ids_list = self.model.tokenize(job.texts)
+            ids_list = self.model.tokenize(job.texts or [])
         limit = self.model.max_tokens
         if self.cfg.truncate:
             return [self.model.truncate(ids) for ids in ids_list]

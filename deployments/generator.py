@@ -16,26 +16,28 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import AsyncIterator
 
 import torch
 from ray import serve
 
-from app import metrics
 from app.config import ModelConfig
-from app.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
+from app.core import metrics
+from app.core.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.replica import replica_device, replica_threads
 from deployments.stage import RemoteRunner
 from deployments.types import GenerateChunk, GenerateJob, ModelInfo
 from models.causal_lm import CausalLM
 from models.generation import Engine, StepOutput
 from models.loader import resolve_source
+from models.params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256, health_check_period_s=10)
+# max_ongoing_requests comes from the model config (app/main.py: enough for a full batch and the next).
+@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 class Generator:
     """Completions with continuous batching; streams chunks or returns whole choices."""
 
@@ -47,8 +49,13 @@ class Generator:
         self.lm = CausalLM(root, device=replica_device(cfg), dtype=cfg.dtype, weights=not stages)
         self.context = min(cfg.max_input_tokens or self.lm.max_context, self.lm.max_context)
         runners = [RemoteRunner(h) for h in stages] if stages else None
-        self.engine = Engine(self.lm, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                             runners=runners, microbatches=cfg.microbatches)
+        self.engine = Engine(
+            self.lm,
+            max_batch_size=cfg.max_batch_size,
+            max_batch_tokens=cfg.max_batch_tokens,
+            runners=runners,
+            microbatches=cfg.microbatches,
+        )
         self.info = ModelInfo(
             name=cfg.name,
             task=cfg.task,
@@ -87,6 +94,7 @@ class Generator:
     def _probe_forward(self) -> torch.Tensor:
         with torch.inference_mode():
             ids = torch.tensor([self.lm.encode("ok")[-1:]], device=self.lm.device)
+            assert self.lm.model is not None  # probed only when this replica holds the weights
             return self.lm.model(input_ids=ids, use_cache=False).logits[0, -1]
 
     async def stats(self) -> dict[str, int]:
@@ -134,7 +142,9 @@ class Generator:
                     if out.finish_reason is not None:
                         running.discard(out.seq_id)
                     chunks.append(
-                        GenerateChunk(ids[out.seq_id], out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens)
+                        GenerateChunk(
+                            ids[out.seq_id], out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens
+                        )
                     )
                 yield chunks
                 last_yield = self._loop.time()
@@ -145,7 +155,7 @@ class Generator:
             for seq_id in ids:
                 self._queues.pop(seq_id, None)
 
-    def _prepare(self, job: GenerateJob) -> list[tuple[list[int], object]] | RayInferError:
+    def _prepare(self, job: GenerateJob) -> list[tuple[list[int], SamplingParams]] | RayInferError:
         """Token ids and sampling params per sequence, or the client error the job deserves."""
         if job.messages is not None:
             if not self.lm.has_chat_template:

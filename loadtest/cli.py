@@ -55,8 +55,9 @@ def run_once(args, scenario, rate=None):
         if rate:
             coro = runner.open_loop(args.url, scenario, rate, args.duration, args.warmup, args.timeout, on_done=on_done)
         else:
-            coro = runner.closed_loop(args.url, scenario, args.concurrency, args.duration, args.warmup,
-                                      args.timeout, on_done=on_done)
+            coro = runner.closed_loop(
+                args.url, scenario, args.concurrency, args.duration, args.warmup, args.timeout, on_done=on_done
+            )
         samples = asyncio.run(coro)
     summary = report.summarize(samples, args.duration, scenario.items(), rate, args.concurrency, scenario.name)
     return samples, summary
@@ -79,8 +80,10 @@ def sweep(args, scenario, console) -> dict:
         ok = passes(summary, args)
         steps.append({**summary, "passed": ok})
         console.print(report.table(summary))
-        console.print(f"rate {rate:.1f}/s: p99 {summary['latency_ms'] and summary['latency_ms']['p99']} ms → "
-                      f"{'held' if ok else 'FAILED'} the {args.slo_p99_ms} ms SLO")
+        console.print(
+            f"rate {rate:.1f}/s: p99 {summary['latency_ms'] and summary['latency_ms']['p99']} ms → "
+            f"{'held' if ok else 'FAILED'} the {args.slo_p99_ms} ms SLO"
+        )
         if not ok:
             break
         best, last_samples = rate, samples

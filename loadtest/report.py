@@ -16,12 +16,18 @@ def _dist_ms(values) -> dict | None:
         return None
     v = np.asarray(values) * 1000.0
     out = {k: round(float(np.percentile(v, q)), 2) for k, q in QUANTILES.items()}
-    out.update(mean=round(float(v.mean()), 2), max=round(float(v.max()), 2), n=int(len(v)))
+    out.update(mean=round(float(v.mean()), 2), max=round(float(v.max()), 2), n=len(v))
     return out
 
 
-def summarize(samples: list[Sample], duration_s: float, items_per_request: int, target_rate: float | None,
-              concurrency: int | None, scenario: str) -> dict:
+def summarize(
+    samples: list[Sample],
+    duration_s: float,
+    items_per_request: int,
+    target_rate: float | None,
+    concurrency: int | None,
+    scenario: str,
+) -> dict:
     measured = [s for s in samples if not s.warmup]
     ok = [s for s in measured if s.outcome.status == "200"]
     statuses = Counter(s.outcome.status for s in measured)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import httpx
 
@@ -36,8 +36,16 @@ def _client(url: str, timeout_s: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits)
 
 
-async def open_loop(url, scenario, rate: float, duration_s: float, warmup_s: float, timeout_s: float,
-                    seed: int = 0, on_done: Callable[[], None] | None = None) -> list[Sample]:
+async def open_loop(
+    url,
+    scenario,
+    rate: float,
+    duration_s: float,
+    warmup_s: float,
+    timeout_s: float,
+    seed: int = 0,
+    on_done: Callable[[], None] | None = None,
+) -> list[Sample]:
     """Poisson arrivals at `rate`/s; sends are never delayed by slow responses."""
     rng = random.Random(seed)
     samples: list[Sample] = []
@@ -63,8 +71,15 @@ async def open_loop(url, scenario, rate: float, duration_s: float, warmup_s: flo
     return samples
 
 
-async def closed_loop(url, scenario, concurrency: int, duration_s: float, warmup_s: float, timeout_s: float,
-                      on_done: Callable[[], None] | None = None) -> list[Sample]:
+async def closed_loop(
+    url,
+    scenario,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    timeout_s: float,
+    on_done: Callable[[], None] | None = None,
+) -> list[Sample]:
     """`concurrency` workers, each sending its next request when the last one is answered."""
     samples: list[Sample] = []
     counter = iter(range(10**12))

@@ -8,10 +8,30 @@ from dataclasses import dataclass, field
 
 import httpx
 
-WORDS = (
-    "serving model online batch replica latency queue token request vector cluster node "
-    "throughput capacity deploy scale proxy ingress handle stream cache memory"
-).split()
+WORDS = [
+    "serving",
+    "model",
+    "online",
+    "batch",
+    "replica",
+    "latency",
+    "queue",
+    "token",
+    "request",
+    "vector",
+    "cluster",
+    "node",
+    "throughput",
+    "capacity",
+    "deploy",
+    "scale",
+    "proxy",
+    "ingress",
+    "handle",
+    "stream",
+    "cache",
+    "memory",
+]
 
 
 @dataclass
@@ -56,8 +76,14 @@ class Completions:
         return 1
 
     async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
-        body = {"model": self.model, "prompt": sentence(i), "max_tokens": self.max_tokens, "stream": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}
+        body = {
+            "model": self.model,
+            "prompt": sentence(i),
+            "max_tokens": self.max_tokens,
+            "stream": True,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+        }
         start = time.perf_counter()
         out = Outcome(status="stream")
         last = None

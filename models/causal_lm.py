@@ -18,9 +18,12 @@ class CausalLM:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = None
         if weights:
-            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype]).to(self.device).eval()
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[dtype])
+            self.model = torch.nn.Module.to(model, self.device).eval()
         cfg = self.model.config if self.model is not None else AutoConfig.from_pretrained(self.path)
-        self.max_context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024))
+        self.max_context = int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
+        )
         eos = cfg.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -40,4 +43,4 @@ class CausalLM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))

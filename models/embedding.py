@@ -11,9 +11,9 @@ stages (models/encoder_stages.py), each passing the next its hidden states with 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -101,8 +101,14 @@ class EmbeddingModel:
     stages); `stages`: in-process stages to run instead of the whole model.
     """
 
-    def __init__(self, path: Path, device: str = "cpu", max_input_tokens: int | None = None,
-                 weights: bool = True, stages: list[Callable[[Hidden], Hidden | torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        device: str = "cpu",
+        max_input_tokens: int | None = None,
+        weights: bool = True,
+        stages: list[Callable[[Hidden], Hidden | torch.Tensor]] | None = None,
+    ):
         self.path = Path(path)
         self.device = torch.device(device)
         self.spec = read_pooling_spec(self.path)
@@ -151,8 +157,11 @@ class EmbeddingModel:
     def embed_ids(self, batch: list[list[int]], chunk_size: int = 64) -> np.ndarray:
         """Embed token-id sequences through the stages in turn; float32 [len(batch), dim] in input order."""
         out = np.empty((len(batch), self.dim), dtype=np.float32)
-        for idx, x in self.padded(batch, chunk_size):
+        for idx, hidden in self.padded(batch, chunk_size):
+            x: Hidden | torch.Tensor = hidden
             for stage in self.stages:
+                assert isinstance(x, Hidden)  # only the last stage pools
                 x = stage(x)
+            assert isinstance(x, torch.Tensor)
             out[idx] = x.numpy()
         return out

@@ -25,15 +25,18 @@ from models.stages import build_on_meta, materialise, read_range, stage_config
 class _PassThrough(torch.nn.Module):
     """A later stage's embeddings: the previous stage's hidden states come in as `inputs_embeds`."""
 
-    def forward(self, inputs_embeds: torch.Tensor | None = None, **_) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        assert inputs_embeds is not None
         return inputs_embeds
 
 
 def _encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if not isinstance(layers, torch.nn.ModuleList) or not hasattr(model, "embeddings"):
-        raise ValueError(f"{type(model).__name__}: encoder pipeline stages need a BERT-like model "
-                         "(an `embeddings` module and layers in `encoder.layer`)")
+        raise ValueError(
+            f"{type(model).__name__}: encoder pipeline stages need a BERT-like model "
+            "(an `embeddings` module and layers in `encoder.layer`)"
+        )
     return layers
 
 
@@ -45,13 +48,19 @@ def load_encoder_stage(path: Path, start: int, end: int, device: str = "cpu") ->
     model = build_on_meta(AutoModel, config)
     _encoder_layers(model)
     if getattr(model, "pooler", None) is not None:
-        model.pooler = None  # sentence-transformers pools the token states itself
+        model.pooler = None  # type: ignore[assignment]  # sentence-transformers pools the token states itself
     if not first:
         model.embeddings = _PassThrough()
-    state = read_range(path, "encoder.layer", start, end, lambda name: first and name.startswith("embeddings."),
-                       strip=f"{model.base_model_prefix}.")
+    state = read_range(
+        path,
+        "encoder.layer",
+        start,
+        end,
+        lambda name: first and name.startswith("embeddings."),
+        strip=f"{model.base_model_prefix}.",
+    )
     missing, unexpected = materialise(model, state)
     if missing or unexpected:
         raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     dev = torch.device(device)
-    return EncoderStage(model.to(dev).eval(), read_pooling_spec(path), dev, first, last)
+    return EncoderStage(torch.nn.Module.to(model, dev).eval(), read_pooling_spec(path), dev, first, last)

@@ -2,7 +2,8 @@
 
 The model runs through one or more `KVRunner`s (models/kv_runner.py), which hold the KV caches:
 one for a whole model, one per pipeline stage for a split one, the output of each feeding the
-next. Sampling, stop strings and detokenization happen here, on the last runner's logits. Bounded by `max_batch_size` sequences and `max_batch_tokens`
+next. Sampling, stop strings and detokenization happen here, on the last runner's logits. Bounded by
+`max_batch_size` sequences and `max_batch_tokens`
 (prompt + max_tokens summed over running sequences).
 
 Micro-batches (`microbatches` > 1, for pipeline stages): the running sequences are split into
@@ -21,6 +22,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,15 +56,26 @@ class _Seq:
     group: int = 0  # its micro-batch group, for life
 
     @property
+    def max_tokens(self) -> int:  # resolved by the caller (the Generator) before `add`
+        assert self.params.max_tokens is not None
+        return self.params.max_tokens
+
+    @property
     def length(self) -> int:  # tokens in the cache
         return len(self.prompt) + len(self.out) - 1
 
 
 class Engine:
-    def __init__(self, lm: CausalLM, max_batch_size: int = 32, max_batch_tokens: int = 65536,
-                 runners: list[KVRunner] | None = None, microbatches: int = 1):
+    def __init__(
+        self,
+        lm: CausalLM,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 65536,
+        runners: list[Any] | None = None,  # KVRunners, or RemoteRunners of pipeline stages
+        microbatches: int = 1,
+    ):
         self.lm = lm  # tokenizer, EOS ids; its weights are used only when no runners are given
-        self.runners = runners or [KVRunner(lm.model, lm.device)]
+        self.runners: list[Any] = runners or [KVRunner(_weights(lm), lm.device)]  # KVRunners or remote stages
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.microbatches = microbatches
@@ -145,13 +158,13 @@ class Engine:
                 self._running = [s for s in self._running if s.id not in self._aborted]
                 self._waiting = deque(s for s in self._waiting if s.id not in self._aborted)
                 self._aborted.clear()
-            budget = self.max_batch_tokens - sum(len(s.prompt) + s.params.max_tokens for s in self._running)
+            budget = self.max_batch_tokens - sum(len(s.prompt) + s.max_tokens for s in self._running)
             sizes = [0] * self.microbatches
             for s in self._running:
                 sizes[s.group] += 1
             admitted = []
             while self._waiting and len(self._running) < self.max_batch_size:
-                cost = len(self._waiting[0].prompt) + self._waiting[0].params.max_tokens
+                cost = len(self._waiting[0].prompt) + self._waiting[0].max_tokens
                 if cost > budget and self._running:
                     break
                 seq = self._waiting.popleft()
@@ -168,7 +181,7 @@ class Engine:
             x = runner.prefill(seq.id, x)
         return self._sample(_resolved(x), [seq])[0]
 
-    def _decode(self, seqs: list[_Seq], group: int):
+    def _decode(self, seqs: list[_Seq], group: int) -> Any:
         """Launch one decode of the group through the runners: logits, or (remote stages) their future answer."""
         ids, lengths = [s.id for s in seqs], [s.length for s in seqs]
         x = torch.tensor([[s.out[-1]] for s in seqs], device=self.lm.device)
@@ -194,7 +207,7 @@ class Engine:
     def _emit(self, s: _Seq, token: int) -> StepOutput:
         s.out.append(token)
         reason = "stop" if token in self.lm.eos_ids else None
-        if reason is None and len(s.out) >= s.params.max_tokens:
+        if reason is None and len(s.out) >= s.max_tokens:
             reason = "length"
         s.text += self._detokenize(s, final=reason is not None)
         text = s.text
@@ -232,3 +245,9 @@ def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
     start = max(0, emitted - max((len(x) for x in stops), default=0))
     hits = [i for i in (text.find(x, start) for x in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def _weights(lm: CausalLM) -> torch.nn.Module:
+    if lm.model is None:
+        raise ValueError("the engine needs a model with weights, or runners (pipeline stages) that hold them")
+    return lm.model

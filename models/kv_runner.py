@@ -14,10 +14,13 @@ position, the others the hidden states of every position (see models/stages.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from models.hf_compat import cache_from_layers
 
 Cache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -40,11 +43,11 @@ class KVRunner:
         self._own: dict[str, Cache] = {}  # sequences not yet in a batch cache
         self._batches: dict[int, _Batch] = {}  # one per micro-batch group
 
-    def _call(self, x: torch.Tensor, **kwargs):
+    def _call(self, x: torch.Tensor, **kwargs: Any) -> Any:
         inputs = {"input_ids": x} if self.first else {"inputs_embeds": x}
         return self.model(**inputs, use_cache=True, **kwargs)
 
-    def _result(self, out) -> torch.Tensor:
+    def _result(self, out: Any) -> torch.Tensor:
         return out.logits[:, -1] if self.last else out.last_hidden_state
 
     @torch.inference_mode()
@@ -95,7 +98,7 @@ class KVRunner:
                 if seq_id in length_of and seq_id not in self._own:
                     n = length_of[seq_id]
                     self._own[seq_id] = [
-                        (lay.keys[row : row + 1, :, width - n :], lay.values[row : row + 1, :, width - n :])
+                        (lay.keys[row : row + 1, :, width - n :], lay.values[row : row + 1, :, width - n :])  # type: ignore[union-attr,index]
                         for lay in old.cache.layers
                     ]
         width = max(lengths)
@@ -108,6 +111,6 @@ class KVRunner:
         mask = torch.zeros((len(seq_ids), width), dtype=torch.long, device=self.device)
         for row, n in enumerate(lengths):
             mask[row, width - n :] = 1
-        batch = _Batch(list(seq_ids), DynamicCache(ddp_cache_data=layers), mask)
+        batch = _Batch(list(seq_ids), cache_from_layers(layers), mask)
         self._batches[group] = batch
         return batch

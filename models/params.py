@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: what the context leaves
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None  # same seed, same prompt, same params: same sample

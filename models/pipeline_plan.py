@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
@@ -79,7 +80,7 @@ def layer_bytes(config: PretrainedConfig, dtype: str) -> tuple[int, list[int], i
 
 def _layer_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     for path in LAYER_LISTS:
-        obj = model
+        obj: Any = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
@@ -125,8 +126,13 @@ def balanced_boundaries(first: int, per_layer: list[int], last: int, stages: int
     return sorted(bounds)
 
 
-def plan(config: PretrainedConfig, stages: int, dtype: str = "bfloat16", boundaries: list[int] | None = None,
-         sizes: tuple[int, list[int], int] | None = None) -> Plan:
+def plan(
+    config: PretrainedConfig,
+    stages: int,
+    dtype: str = "bfloat16",
+    boundaries: list[int] | None = None,
+    sizes: tuple[int, list[int], int] | None = None,
+) -> Plan:
     first, per_layer, last = sizes or layer_bytes(config, dtype)
     n = len(per_layer)
     cuts = boundaries if boundaries is not None else balanced_boundaries(first, per_layer, last, stages)

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from models.causal_lm import DTYPES
+from models.hf_compat import mark_loaded
 from models.kv_runner import KVRunner
+
 
 def _shards(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
@@ -33,11 +36,12 @@ def _shards(path: Path) -> dict[str, Path]:
         return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     single = path / "model.safetensors"
     with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}
+        return {name: single for name in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
 
 
-def read_range(path: Path, layers: str, start: int, end: int, keep: Callable[[str], bool],
-               strip: str = "") -> dict[str, torch.Tensor]:
+def read_range(
+    path: Path, layers: str, start: int, end: int, keep: Callable[[str], bool], strip: str = ""
+) -> dict[str, torch.Tensor]:
     """Tensors of layers [start, end) of the checkpoint (`<layers>.<i>.…`, renumbered from 0) and the
     other tensors `keep` accepts; only those are read. `strip` is a prefix some checkpoints put
     before every name (`bert.`), removed first."""
@@ -86,7 +90,9 @@ def stage_config(path: Path, start: int, end: int) -> tuple[PretrainedConfig, bo
     return config, start == 0, end == total
 
 
-def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, bool, bool]:
+def load_stage(
+    path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32"
+) -> tuple[torch.nn.Module, bool, bool]:
     """The stage's model, and whether it is the first and the last stage."""
     path = Path(path)
     config, first, last = stage_config(path, start, end)
@@ -99,23 +105,25 @@ def load_stage(path: Path, start: int, end: int, device: str = "cpu", dtype: str
         state = {k.removeprefix("model."): v for k, v in state.items()}
         model.norm = torch.nn.Identity()
     if not first:
-        base = model.model if last else model
+        base: Any = model.model if last else model
         if not (last and tied):
             base.embed_tokens = None  # hidden states come in; no embedding table needed
     missing, unexpected = materialise(model, state, tie=last and tied)
     if missing or unexpected:
         raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device=device, dtype=DTYPES[dtype]).eval(), first, last
+    return torch.nn.Module.to(model, device=device, dtype=DTYPES[dtype]).eval(), first, last
 
 
-def build_on_meta(auto_class, config: PretrainedConfig) -> torch.nn.Module:
+def build_on_meta(auto_class: Any, config: PretrainedConfig) -> PreTrainedModel:
     """The model's modules on the meta device: they take no memory until `materialise` gives them the stage's
     tensors, so a stage never holds a randomly initialised copy of itself beside the checkpoint's."""
     with torch.device("meta"):
         return auto_class.from_config(config)
 
 
-def materialise(model: torch.nn.Module, state: dict[str, torch.Tensor], tie: bool = False) -> tuple[list[str], list[str]]:
+def materialise(
+    model: PreTrainedModel, state: dict[str, torch.Tensor], tie: bool = False
+) -> tuple[list[str], list[str]]:
     """Put the checkpoint's tensors in place of a meta model's, then compute the buffers no checkpoint holds
     (rotary inv_freq, position ids) with the model's own initialisation, as transformers' loading does.
     Returns the parameters still missing and the unexpected checkpoint names."""
@@ -124,7 +132,7 @@ def materialise(model: torch.nn.Module, state: dict[str, torch.Tensor], tie: boo
         model.tie_weights()  # the head shares the embeddings: no tensor of its own in the checkpoint
     for tensor in [*model.parameters(), *model.buffers()]:
         if not tensor.is_meta:
-            tensor._is_hf_initialized = True  # transformers' init functions leave these alone
+            mark_loaded(tensor)  # transformers' init functions leave these alone
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     buffers = dict(model.named_buffers())
     for name, buffer in buffers.items():

@@ -15,6 +15,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "artifacts" / "models" / "tiny-lm"
@@ -28,15 +33,21 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def build_tokenizer(out: Path):
+def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([CORPUS.read_text()], vocab_size=512, min_frequency=1, special_tokens=SPECIAL,
-                            show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  bos_token="<|endoftext|>", pad_token="<|pad|>", model_max_length=512)
+    bpe.train_from_iterator(
+        [CORPUS.read_text()], vocab_size=512, min_frequency=1, special_tokens=SPECIAL, show_progress=False
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        model_max_length=512,
+    )
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
     return tok
@@ -52,9 +63,16 @@ def build(out: Path = DEFAULT_DIR) -> Path:
     tok = build_tokenizer(out)
     torch.manual_seed(SEED)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")],
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")],  # type: ignore[list-item]
         pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -64,7 +82,7 @@ def build(out: Path = DEFAULT_DIR) -> Path:
     return out
 
 
-def _train(model, tok) -> None:
+def _train(model: torch.nn.Module, tok: PreTrainedTokenizerFast) -> None:
     """A few steps on the corpus, so greedy text resembles it; weights stay essentially arbitrary."""
     import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loadtest.servers import ROOT, free_port, serve_config_on  # noqa: F401  (re-exported for tests)
+from tests.harness import ROOT, free_port, serve_config_on  # noqa: F401  (re-exported for tests)
 
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 MODEL = "all-MiniLM-L6-v2"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from ray._common.test_utils import wait_for_condition
 
-from loadtest.servers import RayHead, ray_head, serve_deploy
+from tests.harness import RayHead, ray_head, serve_deploy
 from tests.helpers import MODEL, free_port, serve_config_on
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ class Load:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._thread.start()
         return self
 
@@ -88,8 +88,7 @@ class Load:
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(base_url=self.url, timeout=120) as client:
-            await asyncio.gather(*(self._worker(client, kind, i)
-                                   for kind, n in self.workers.items() for i in range(n)))
+            await asyncio.gather(*(self._worker(client, kind, i) for kind, n in self.workers.items() for i in range(n)))
 
     async def _worker(self, client: httpx.AsyncClient, kind: str, worker: int) -> None:
         send = {"embed": _embed, "complete": _complete, "stream": _stream}[kind]
@@ -120,7 +119,7 @@ async def _complete(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
 async def _stream(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
     body = {"model": LM, "prompt": text, "max_tokens": 48, "stream": True}
     async with client.stream("POST", "/v1/completions", json=body) as r:
-        events = [line[len("data: "):] async for line in r.aiter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] async for line in r.aiter_lines() if line.startswith("data: ")]
     finished = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1] if "choices" in json.loads(e)]
     ok = r.status_code == 200 and events[-1:] == ["[DONE]"] and finished[-1:] in (["stop"], ["length"])
     return ok, f"{r.status_code} {events[-3:]}"
@@ -149,10 +148,15 @@ class Cluster:
         if app.get("status") == "DEPLOY_FAILED":
             raise RuntimeError(app.get("message"))
         deployments = app.get("deployments", {})
-        return app.get("status") == "RUNNING" and all(d["status"] == "HEALTHY" for d in deployments.values()) and all(
-            sum(r["state"] == "RUNNING" for r in deployments[name]["replicas"]) == n
-            and len(deployments[name]["replicas"]) == n
-            for name, n in replicas.items())
+        return (
+            app.get("status") == "RUNNING"
+            and all(d["status"] == "HEALTHY" for d in deployments.values())
+            and all(
+                sum(r["state"] == "RUNNING" for r in deployments[name]["replicas"]) == n
+                and len(deployments[name]["replicas"]) == n
+                for name, n in replicas.items()
+            )
+        )
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +196,10 @@ def test_a_rolling_update_under_load_fails_no_request(cluster, config, url):
         load.wait_for(20)
     assert not load.failures(), load.failures()[:5]
     during = [o for o in load.outcomes if started < o.end and o.start < settled]
-    print(f"rolling update: {len(load.outcomes)} requests, {len(during)} during the {settled - started:.1f}s update, "
-          "0 failed")
+    print(
+        f"rolling update: {len(load.outcomes)} requests, {len(during)} during the {settled - started:.1f}s update, "
+        "0 failed"
+    )
     assert {o.kind for o in during} == {"embed", "complete", "stream"}
     assert not old_generator & {r["replica_id"] for r in cluster.replicas(GENERATOR)}, "the generator was replaced"
 
@@ -211,6 +217,7 @@ def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile
         embedder_pid, embedder_killed = _kill(cluster, EMBEDDER)  # one of two: the other one answers
         load.wait_for(10)
         generator_pid, generator_killed = _kill(cluster, GENERATOR)  # the only one: Serve restarts it
+
         # Its model has no replica now: not ready, naming it; ready again once Serve has replaced it.
         def says_lm_not_ready() -> bool:
             r = client.get("/readyz")
@@ -222,8 +229,10 @@ def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile
         load.wait_for(20)
     assert not load.failures(), load.failures()[:5]
     hit = load.spanning(embedder_killed, "embed"), load.spanning(generator_killed, "complete")
-    print(f"SIGKILL: {len(load.outcomes)} requests, {len(hit[0])} embeddings in flight at the embedder's kill, "
-          f"{len(hit[1])} completions at the generator's; 0 failed")
+    print(
+        f"SIGKILL: {len(load.outcomes)} requests, {len(hit[0])} embeddings in flight at the embedder's kill, "
+        f"{len(hit[1])} completions at the generator's; 0 failed"
+    )
     assert all(hit), "the kills hit requests in flight"
     assert embedder_pid not in {r["pid"] for r in cluster.replicas(EMBEDDER)}
     assert generator_pid not in {r["pid"] for r in cluster.replicas(GENERATOR)}
@@ -235,9 +244,15 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(cluster, con
     # Short delays so the test sees both directions in about a minute; the shipped GPU profile
     # (serve_config.gpu.yaml) uses Serve's defaults. With edge batching an embedder replica sees at
     # most 2 batches at once from each ingress replica, so the target is 1 (README "Autoscaling").
-    embedder["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                      "upscale_delay_s": 1, "downscale_delay_s": 5, "metrics_interval_s": 0.5,
-                                      "look_back_period_s": 2}
+    embedder["autoscaling_config"] = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 5,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 2,
+    }
     cluster.deploy(config)
     wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 1}), timeout=120, retry_interval_ms=500)
     with Load(url, embed=16) as load:

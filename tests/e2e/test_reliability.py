@@ -5,6 +5,7 @@ port, API keys set through the environment): keys, a burst past the limits, sche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from loadtest.servers import free_port, serve_config_on, serve_run
+from tests.harness import free_port, serve_config_on, serve_run
 from tests.helpers import MODEL
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,8 @@ def served(config, tmp_path_factory):
 def test_grpc_model_calls_need_the_key_too(served, config):
     import grpc
 
-    from app.protos import grpc_predict_v2_pb2 as pb
-    from app.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+    from app.oip.grpc import grpc_predict_v2_pb2 as pb
+    from app.oip.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{config['grpc_options']['port']}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -82,8 +83,9 @@ def burst(url: str, method: str, path: str, body=None) -> list[tuple[int, float,
 
     async def go():
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=url, headers=AUTH, limits=limits, timeout=120,
-                                     event_hooks={"request": [on_request]}) as client:
+        async with httpx.AsyncClient(
+            base_url=url, headers=AUTH, limits=limits, timeout=120, event_hooks={"request": [on_request]}
+        ) as client:
             return await asyncio.gather(*(one(client, i) for i in range(800)))
 
     return asyncio.run(go())
@@ -99,9 +101,11 @@ def test_a_burst_of_800_gets_only_200s_and_fast_503s_with_retry_after(served):
     shed = [(t, ra) for s, t, ra in results if s == 503]
     shed_s = sorted(t for t, _ in shed) or [0.0]
     p50 = {"503": shed_s[len(shed_s) // 2], "healthz": baseline[len(baseline) // 2]}
-    print(f"burst of 800: {len(ok)} x 200, {len(shed)} x 503; 503 latency p50 {p50['503']:.2f}s "
-          f"p90 {shed_s[int(len(shed_s) * 0.9)]:.2f}s max {shed_s[-1]:.2f}s; slowest 200 {max(ok, default=0):.2f}s; "
-          f"800 x /healthz: p50 {p50['healthz']:.2f}s max {baseline[-1]:.2f}s")
+    print(
+        f"burst of 800: {len(ok)} x 200, {len(shed)} x 503; 503 latency p50 {p50['503']:.2f}s "
+        f"p90 {shed_s[int(len(shed_s) * 0.9)]:.2f}s max {shed_s[-1]:.2f}s; slowest 200 {max(ok, default=0):.2f}s; "
+        f"800 x /healthz: p50 {p50['healthz']:.2f}s max {baseline[-1]:.2f}s"
+    )
     assert statuses <= {200, 503}, statuses
     assert ok, "some requests must be served"
     assert len(ok) >= INFLIGHT // 2
@@ -116,8 +120,8 @@ def test_a_burst_of_800_gets_only_200s_and_fast_503s_with_retry_after(served):
 def test_a_grpc_burst_gets_only_ok_and_unavailable_with_retry_pushback(served, config):
     import grpc
 
-    from app.protos import grpc_predict_v2_pb2 as pb
-    from app.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+    from app.oip.grpc import grpc_predict_v2_pb2 as pb
+    from app.oip.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
     def request(i: int) -> pb.ModelInferRequest:
         tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[4])
@@ -126,10 +130,8 @@ def test_a_grpc_burst_gets_only_ok_and_unavailable_with_retry_pushback(served, c
 
     async def one(stub, i: int) -> tuple[grpc.StatusCode, dict]:
         call = stub.ModelInfer(request(i), metadata=(("authorization", f"Bearer {KEY}"),), timeout=120)
-        try:
+        with contextlib.suppress(grpc.aio.AioRpcError):
             await call
-        except grpc.aio.AioRpcError:
-            pass
         return await call.code(), dict(await call.trailing_metadata() or ())
 
     async def go():
@@ -139,7 +141,10 @@ def test_a_grpc_burst_gets_only_ok_and_unavailable_with_retry_pushback(served, c
 
     results = asyncio.run(go())
     codes = [code for code, _ in results]
-    print(f"gRPC burst of 400: {codes.count(grpc.StatusCode.OK)} OK, {codes.count(grpc.StatusCode.UNAVAILABLE)} UNAVAILABLE")
+    print(
+        f"gRPC burst of 400: {codes.count(grpc.StatusCode.OK)} OK, "
+        f"{codes.count(grpc.StatusCode.UNAVAILABLE)} UNAVAILABLE"
+    )
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
     assert codes.count(grpc.StatusCode.OK) >= INFLIGHT // 2
     assert grpc.StatusCode.UNAVAILABLE in codes, "400 at once must pass max_inflight_requests (64)"
@@ -154,12 +159,15 @@ def test_schemathesis_finds_no_5xx(served):
         operation = result.ok()
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+        @settings(
+            max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def check(case):
             response = case.call(base_url=served, headers=AUTH, timeout=60)
             if response.status_code >= 500:
-                failures.append(f"{case.method} {case.path} {case.body!r:.300} → {response.status_code}: {response.text[:300]}")
+                failures.append(
+                    f"{case.method} {case.path} {case.body!r:.300} → {response.status_code}: {response.text[:300]}"
+                )
 
         check()
     assert not failures, "\n".join(failures)

@@ -1,6 +1,6 @@
 """What `make serve` does, end to end: `serve run serve_config.yaml` as a subprocess,
-then the official `openai` client and a standard Open Inference Protocol gRPC client against it. Runs in its own pytest process (see Makefile)
-because `serve run` starts its own Ray cluster.
+then the official `openai` client and a standard Open Inference Protocol gRPC client against it.
+Runs in its own pytest process (see Makefile) because `serve run` starts its own Ray cluster.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import openai
 import pytest
 
-from app.protos import grpc_predict_v2_pb2 as pb
-from app.protos import grpc_predict_v2_pb2_grpc
-from loadtest.servers import free_port, serve_config_on, serve_run
+from app.oip.grpc import grpc_predict_v2_pb2 as pb
+from app.oip.grpc import grpc_predict_v2_pb2_grpc
+from tests.harness import free_port, serve_config_on, serve_run
 from tests.helpers import MODEL, cosine
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,9 @@ def test_openai_client_embeddings_match_sentence_transformers(served, reference)
 def test_openai_client_streams_a_completion(served):
     client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
     whole = client.completions.create(model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0)
-    stream = client.completions.create(model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0, stream=True)
+    stream = client.completions.create(
+        model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
 
 
@@ -54,7 +56,8 @@ def test_grpc_client_gets_the_openai_clients_vectors(served, grpc_port):
         assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
         request = pb.ModelInferRequest(model_name=MODEL)
         request.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend(
-            t.encode() for t in texts)
+            t.encode() for t in texts
+        )
         [out] = stub.ModelInfer(request, timeout=30).outputs
     got = np.array(out.contents.fp32_contents).reshape(list(out.shape))
     assert cosine(got, expected).min() >= 0.99999

@@ -18,9 +18,8 @@ from ray.serve._private import api as serve_api
 from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.schema import ServeDeploySchema
 
-from app.protos import grpc_predict_v2_pb2_grpc
-
-from loadtest.servers import serve_env
+from app.oip.grpc import grpc_predict_v2_pb2_grpc
+from tests.harness import serve_env
 from tests.helpers import free_port, serve_config_on
 
 APP = "rayinfer"
@@ -34,8 +33,14 @@ def served():
     os.environ.update(serve_env())  # the cluster inherits it, as with `make serve`
     # The dashboard (on a free port, loopback) writes the Prometheus service-discovery file, as
     # with `serve run`. Metrics reach the agent every second (default 10 s): the Prometheus test waits less.
-    ray.init(address="local", namespace=SERVE_NAMESPACE, include_dashboard=True, dashboard_port=free_port(),
-             log_to_driver=True, _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        address="local",
+        namespace=SERVE_NAMESPACE,
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        log_to_driver=True,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     client = serve_api.serve_start(
         http_options=config.http_options.model_dump(),
         grpc_options=config.grpc_options.model_dump(),

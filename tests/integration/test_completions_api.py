@@ -34,9 +34,10 @@ def hf_greedy():
     def generate(prompt: str, max_tokens: int) -> str:
         ids = lm.encode(prompt)
         with torch.inference_mode():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                              pad_token_id=lm.tokenizer.pad_token_id)
-        return lm.decode(out[0, len(ids):].tolist())
+            out = hf.generate(
+                torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id
+            )
+        return lm.decode(out[0, len(ids) :].tolist())
 
     return generate
 
@@ -91,7 +92,9 @@ def test_chat_completion_streamed_and_not(client):
     messages = [{"role": "user", "content": "How do replicas batch?"}]
     whole = client.chat.completions.create(model=LM, messages=messages, max_tokens=20, temperature=0)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model=LM, messages=messages, max_tokens=20, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=LM, messages=messages, max_tokens=20, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
@@ -100,8 +103,13 @@ def test_thirty_concurrent_requests_each_equal_their_solo_run(serve_url):
     prompts = [f"{PROMPT} {i} " * (1 + i % 4) for i in range(30)]
 
     def body(i: int) -> dict:
-        return {"model": LM, "prompt": prompts[i], "max_tokens": 8 + i % 16,
-                "temperature": 0 if i % 2 else 0.9, "seed": i}
+        return {
+            "model": LM,
+            "prompt": prompts[i],
+            "max_tokens": 8 + i % 16,
+            "temperature": 0 if i % 2 else 0.9,
+            "seed": i,
+        }
 
     async def send(c: httpx.AsyncClient, i: int) -> str:
         r = await c.post("/v1/completions", json=body(i))
@@ -124,10 +132,9 @@ def test_dropped_stream_frees_its_slot(serve_url, http, generator):
     assert http.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 480
     before = generator.stats.remote().result()["tokens"]
     body["stream"] = True
-    with httpx.Client(base_url=serve_url, timeout=60) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
+    with httpx.Client(base_url=serve_url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
     # The client went away after its first chunk: the sequence leaves the batch, its tokens stop.
     wait_for_condition(lambda: generator.stats.remote().result()["running"] == 0, timeout=10, retry_interval_ms=50)
     generated = generator.stats.remote().result()["tokens"] - before
@@ -196,13 +203,19 @@ def test_a_deadline_times_out_and_cancels_the_generation(http, generator):
 NON_FINITE = [
     ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "temperature": NaN}', "temperature"),
     ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "top_p": Infinity}', "top_p"),
-    ("/v1/chat/completions",
-     '{"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}', "temperature"),
+    (
+        "/v1/chat/completions",
+        '{"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}',
+        "temperature",
+    ),
     ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "max_tokens": NaN}', "max_tokens"),
     ("/v1/embeddings", '{"model": "all-MiniLM-L6-v2", "input": [NaN]}', "input"),
-    ("/v2/models/tiny-lm/infer",
-     '{"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["x"]}],'
-     ' "parameters": {"temperature": NaN}}', "temperature"),
+    (
+        "/v2/models/tiny-lm/infer",
+        '{"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["x"]}],'
+        ' "parameters": {"temperature": NaN}}',
+        "temperature",
+    ),
 ]
 
 

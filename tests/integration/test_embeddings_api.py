@@ -79,9 +79,7 @@ def test_health_and_readiness(http):
 async def _concurrent(url: str, inputs: list) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=len(inputs))
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        return await asyncio.gather(
-            *(client.post("/v1/embeddings", json={"model": MODEL, "input": i}) for i in inputs)
-        )
+        return await asyncio.gather(*(client.post("/v1/embeddings", json={"model": MODEL, "input": i}) for i in inputs))
 
 
 @pytest.mark.slow
@@ -105,7 +103,6 @@ def test_bad_item_never_fails_its_batch_mates(serve_url, reference, embedder_han
     good = [f"good sentence {i}" for i in range(24)]
     too_long = "word " * 600
     inputs = [too_long if i % 4 == 0 else good[i] for i in range(24)]
-    before = embedder_handle.batch_stats.remote().result()
     responses = asyncio.run(_concurrent(serve_url, inputs))
     after = embedder_handle.batch_stats.remote().result()
     for i, r in enumerate(responses):
@@ -162,8 +159,11 @@ def test_ten_megabyte_string_is_413(http):
 
 
 def test_invalid_utf8_is_400(http):
-    r = http.post("/v1/embeddings", content=b'{"model": "%s", "input": "\xff\xfe"}' % MODEL.encode(),
-                  headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/embeddings",
+        content=b'{"model": "%s", "input": "\xff\xfe"}' % MODEL.encode(),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
 
 

@@ -10,8 +10,8 @@ import pytest
 from ray import serve
 from ray._common.test_utils import wait_for_condition
 
-from app.oip_tensors import Tensor, to_raw
-from app.protos import grpc_predict_v2_pb2 as pb
+from app.oip.grpc import grpc_predict_v2_pb2 as pb
+from app.oip.tensors import Tensor, to_raw
 from tests.helpers import MODEL
 
 LM = "tiny-lm"
@@ -42,8 +42,9 @@ def grpc_request(model: str, texts: list[str], raw: bool = False, **parameters) 
     """Typed `bytes_contents`, or raw length-prefixed contents as Triton's client sends them."""
     data = [t.encode() for t in texts]
     tensor = pb.ModelInferRequest.InferInputTensor(name=INPUT[model], datatype="BYTES", shape=[len(texts)])
-    req = pb.ModelInferRequest(model_name=model, id="req-1", inputs=[tensor],
-                               parameters={k: parameter(v) for k, v in parameters.items()})
+    req = pb.ModelInferRequest(
+        model_name=model, id="req-1", inputs=[tensor], parameters={k: parameter(v) for k, v in parameters.items()}
+    )
     if raw:
         req.raw_input_contents.append(to_raw(Tensor("", "BYTES", (len(data),), data)))
     else:
@@ -60,8 +61,8 @@ def output(resp: pb.ModelInferResponse, name: str):
             return np.frombuffer(raw, "<f4").reshape(list(out.shape))
         items, at = [], 0
         while at < len(raw):
-            size = int.from_bytes(raw[at:at + 4], "little")
-            items.append(raw[at + 4:at + 4 + size].decode())
+            size = int.from_bytes(raw[at : at + 4], "little")
+            items.append(raw[at + 4 : at + 4 + size].decode())
             at += 4 + size
         return items
     if out.datatype == "FP32":
@@ -88,7 +89,10 @@ def test_server_health_and_metadata(http, grpc_stub):
     assert grpc_stub.ServerReady(pb.ServerReadyRequest()).ready, http.get("/readyz").text  # why, if not
     grpc_meta = grpc_stub.ServerMetadata(pb.ServerMetadataRequest())
     assert (grpc_meta.name, grpc_meta.version, list(grpc_meta.extensions)) == (
-        meta["name"], meta["version"], meta["extensions"])
+        meta["name"],
+        meta["version"],
+        meta["extensions"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -146,8 +150,9 @@ def test_stream_infer_concatenates_to_model_infer_and_survives_a_bad_request(grp
     params = {"max_tokens": 40, "temperature": 0.0}
     whole = output(grpc_stub.ModelInfer(grpc_request(LM, PROMPTS, **params)), "text_output")
     bad = grpc_request(LM, PROMPTS, temperature=9.0)
-    responses = list(grpc_stub.ModelStreamInfer(iter([grpc_request(LM, PROMPTS, **params), bad,
-                                                      grpc_request(MODEL, TEXTS)])))
+    responses = list(
+        grpc_stub.ModelStreamInfer(iter([grpc_request(LM, PROMPTS, **params), bad, grpc_request(MODEL, TEXTS)]))
+    )
     first = [r for r in responses if r.infer_response.model_name == LM and not r.error_message]
     assert len(first) > 2, "generation streams in several responses"
     assert ["".join(p) for p in zip(*(output(r.infer_response, "text_output") for r in first))] == whole
@@ -191,7 +196,9 @@ def test_bad_tensors_are_invalid_argument_over_http_and_grpc(http, grpc_stub, mo
     assert r.status_code == 400, r.text
     assert list(r.json()) == ["error"] and words in r.json()["error"]
     tensor = body["inputs"][0]
-    req = pb.ModelInferRequest(model_name=model, parameters={k: parameter(v) for k, v in body.get("parameters", {}).items()})
+    req = pb.ModelInferRequest(
+        model_name=model, parameters={k: parameter(v) for k, v in body.get("parameters", {}).items()}
+    )
     t = req.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
     if tensor["datatype"] == "FP32":
         t.contents.fp32_contents.extend(tensor["data"])
@@ -210,8 +217,11 @@ def test_malformed_json_body_gets_oip_error(http):
 
 
 def test_unknown_model_is_not_found(http, grpc_stub):
-    for r in (http.get("/v2/models/nope"), http.get("/v2/models/nope/ready"),
-              http.post("/v2/models/nope/infer", json=_bad(MODEL))):
+    for r in (
+        http.get("/v2/models/nope"),
+        http.get("/v2/models/nope/ready"),
+        http.post("/v2/models/nope/infer", json=_bad(MODEL)),
+    ):
         assert r.status_code == 404 and "nope" in r.json()["error"]
     unknown = grpc_request(MODEL, TEXTS)
     unknown.model_name = "nope"

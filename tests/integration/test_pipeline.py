@@ -14,14 +14,23 @@ APP = "rayinfer"
 def test_stages_are_deployments_of_their_own(serve_url):
     deployments = serve.status().applications[APP].deployments
     assert {"Stage0-tiny-lm-pipeline", "Stage1-tiny-lm-pipeline", "Generator-tiny-lm-pipeline"} <= set(deployments)
-    layers = [serve.get_deployment_handle(f"Stage{k}-tiny-lm-pipeline", app_name=APP).info.remote().result()["layers"]
-              for k in range(2)]
+    layers = [
+        serve.get_deployment_handle(f"Stage{k}-tiny-lm-pipeline", app_name=APP).info.remote().result()["layers"]
+        for k in range(2)
+    ]
     assert layers == [(0, 2), (2, 4)]
 
 
 def test_two_stages_give_the_whole_models_tokens_under_concurrency(serve_url):
-    bodies = [{"prompt": f"Serving models online {i} " * (1 + i % 3), "max_tokens": 6 + i % 10,
-               "temperature": 0 if i % 2 else 0.9, "seed": i} for i in range(12)]
+    bodies = [
+        {
+            "prompt": f"Serving models online {i} " * (1 + i % 3),
+            "max_tokens": 6 + i % 10,
+            "temperature": 0 if i % 2 else 0.9,
+            "seed": i,
+        }
+        for i in range(12)
+    ]
 
     async def run(model: str) -> list[str]:
         async with httpx.AsyncClient(base_url=serve_url, timeout=120) as c:
@@ -39,17 +48,25 @@ def test_a_stage_dying_mid_stream_fails_the_stream_fast_and_the_pipeline_recover
     import ray
     from ray._common.test_utils import wait_for_condition
 
-    body = {"model": "tiny-lm-pipeline", "prompt": "Serving models online", "max_tokens": 480, "stream": True,
-            "temperature": 0.7, "seed": 5}
-    with httpx.Client(base_url=serve_url, timeout=90) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
-            [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if "Stage1-tiny-lm-pipeline" in a["name"] and "REPLICA" in a["name"]]
-            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
-            killed = time.monotonic()
-            events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    body = {
+        "model": "tiny-lm-pipeline",
+        "prompt": "Serving models online",
+        "max_tokens": 480,
+        "stream": True,
+        "temperature": 0.7,
+        "seed": 5,
+    }
+    with httpx.Client(base_url=serve_url, timeout=90) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        [name] = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "Stage1-tiny-lm-pipeline" in a["name"] and "REPLICA" in a["name"]
+        ]
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+        killed = time.monotonic()
+        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
     # The stream ends (no hang) with an in-band, retriable error, not with 480 tokens of text.
     assert time.monotonic() - killed < 60
     assert events[-1] == "[DONE]"
@@ -57,8 +74,11 @@ def test_a_stage_dying_mid_stream_fails_the_stream_fast_and_the_pipeline_recover
     assert error["type"] == "server_error" and error["code"] == "model_not_ready"
 
     def text(model: str) -> str | None:
-        r = httpx.post(f"{serve_url}/v1/completions", json={"model": model, "prompt": "a b", "max_tokens": 12,
-                                                            "temperature": 0}, timeout=30)
+        r = httpx.post(
+            f"{serve_url}/v1/completions",
+            json={"model": model, "prompt": "a b", "max_tokens": 12, "temperature": 0},
+            timeout=30,
+        )
         return r.json()["choices"][0]["text"] if r.status_code == 200 else None
 
     # Back in service with the restarted stage, and still the unsplit model's tokens.
@@ -75,8 +95,10 @@ def test_encoder_stages_are_deployments_of_their_own(serve_url):
     deployments = serve.status().applications[APP].deployments
     names = [f"Embedder-{EMBED}", f"Stage0-{EMBED}", f"Stage1-{EMBED}"]
     assert {n: deployments[n].status for n in names} == dict.fromkeys(names, "HEALTHY")
-    layers = [serve.get_deployment_handle(f"Stage{k}-{EMBED}", app_name=APP).info.remote().result()["layers"]
-              for k in range(2)]
+    layers = [
+        serve.get_deployment_handle(f"Stage{k}-{EMBED}", app_name=APP).info.remote().result()["layers"]
+        for k in range(2)
+    ]
     assert layers == [(0, 1), (1, 6)]  # balanced by bytes: the word embeddings weigh five layers
 
 

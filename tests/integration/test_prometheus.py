@@ -21,7 +21,7 @@ import ray
 import yaml
 from ray._common.test_utils import wait_for_condition
 
-from app.metrics import LATENCY_BUCKETS_S
+from app.core.metrics import LATENCY_BUCKETS_S
 from monitoring.build_dashboards import OUT as DASHBOARD
 from tests.helpers import MODEL, ROOT, free_port
 
@@ -41,14 +41,21 @@ def prometheus(serve_url, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
-    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(session_dir / "prom_metrics_service_discovery.json")]
+    config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [
+        str(session_dir / "prom_metrics_service_discovery.json")
+    ]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copy(ROOT / "monitoring" / "alerts.yml", workdir / "alerts.yml")
     port = free_port()
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(workdir / "prometheus.log").open("w"),
+        [
+            "prometheus",
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "prometheus.log").open("w"),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -78,7 +85,9 @@ def scalar(url: str, expr: str, at: float | None = None) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-EMBED_COUNT = f'sum(ray_rayinfer_request_latency_seconds_count{{route="/v1/embeddings", status_class="2xx", model="{MODEL}"}})'
+EMBED_COUNT = (
+    f'sum(ray_rayinfer_request_latency_seconds_count{{route="/v1/embeddings", status_class="2xx", model="{MODEL}"}})'
+)
 
 
 def settled_count(url: str) -> tuple[float, float]:
@@ -88,7 +97,9 @@ def settled_count(url: str) -> tuple[float, float]:
     def stable() -> bool:
         now = time.time()
         seen.append((now, scalar(url, EMBED_COUNT, now)))
-        return len(seen) >= 2 and seen[-1][1] is not None and seen[-1][1] == seen[-2][1] and seen[-1][0] - seen[-2][0] >= 6
+        return (
+            len(seen) >= 2 and seen[-1][1] is not None and seen[-1][1] == seen[-2][1] and seen[-1][0] - seen[-2][0] >= 6
+        )
 
     try:
         wait_for_condition(stable, timeout=90, retry_interval_ms=6000)
@@ -106,6 +117,7 @@ def drive_traffic(serve_url: str, n: int) -> list[float]:
         latencies = []
         sem = asyncio.Semaphore(8)
         async with httpx.AsyncClient(base_url=serve_url, timeout=60) as c:
+
             async def one(i):
                 async with sem:
                     start = time.perf_counter()
@@ -122,7 +134,7 @@ def drive_traffic(serve_url: str, n: int) -> list[float]:
 def test_p99_agrees_with_the_client_and_every_dashboard_query_has_data(prometheus, serve_url, http, grpc_stub):
     # Every route and kind the dashboard shows, sent here (rates look back one minute):
     # OIP over HTTP and gRPC, completions (whole and streamed), chat, an error.
-    from app.protos import grpc_predict_v2_pb2 as pb
+    from app.oip.grpc import grpc_predict_v2_pb2 as pb
 
     infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["metrics"]}]}
     assert http.post(f"/v2/models/{MODEL}/infer", json=infer).status_code == 200
@@ -139,19 +151,21 @@ def test_p99_agrees_with_the_client_and_every_dashboard_query_has_data(prometheu
     start_t, start_count = settled_count(prometheus)
     n = 400
     latencies = drive_traffic(serve_url, n)
-    wait_for_condition(lambda: (scalar(prometheus, EMBED_COUNT) or 0) >= start_count + n, timeout=90,
-                       retry_interval_ms=1000)
+    wait_for_condition(
+        lambda: (scalar(prometheus, EMBED_COUNT) or 0) >= start_count + n, timeout=90, retry_interval_ms=1000
+    )
     end_t = time.time()
 
     # Prometheus' own p99 over exactly this traffic: the bucket counters' difference between the two instants.
-    buckets = f'ray_rayinfer_request_latency_seconds_bucket{{route="/v1/embeddings", status_class="2xx", model="{MODEL}"}}'
-    expr = (f"histogram_quantile(0.99, sum by (le) ({buckets} @ {end_t:.3f}) "
-            f"- sum by (le) ({buckets} @ {start_t:.3f}))")
+    buckets = (
+        f'ray_rayinfer_request_latency_seconds_bucket{{route="/v1/embeddings", status_class="2xx", model="{MODEL}"}}'
+    )
+    expr = f"histogram_quantile(0.99, sum by (le) ({buckets} @ {end_t:.3f}) - sum by (le) ({buckets} @ {start_t:.3f}))"
     server_p99 = scalar(prometheus, expr, end_t)
     client_p99 = float(np.percentile(latencies, 99))
     # The server's p99 lies in the bucket holding the client's, or the one below it (the client
     # also counts the proxy and its own event loop, so it is never lower).
-    bounds = [0.0] + LATENCY_BUCKETS_S
+    bounds = [0.0, *LATENCY_BUCKETS_S]
     i = next(k for k, b in enumerate(bounds) if b >= client_p99)
     assert bounds[max(0, i - 2)] <= server_p99 <= bounds[i], (server_p99, client_p99)
 
@@ -175,14 +189,17 @@ def test_every_metric_is_exported_by_the_node_agent(prometheus):
 
     targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
     families = {
-        f.name
-        for t in targets
-        for f in text_string_to_metric_families(httpx.get(t["scrapeUrl"], timeout=30).text)
+        f.name for t in targets for f in text_string_to_metric_families(httpx.get(t["scrapeUrl"], timeout=30).text)
     }
     expected = {
-        "ray_rayinfer_request_latency_seconds", "ray_rayinfer_errors_total", "ray_rayinfer_inflight_requests",
-        "ray_rayinfer_phase_seconds", "ray_rayinfer_batch_size", "ray_rayinfer_input_tokens_total",
-        "ray_rayinfer_output_tokens_total", "ray_rayinfer_time_to_first_token_seconds",
+        "ray_rayinfer_request_latency_seconds",
+        "ray_rayinfer_errors_total",
+        "ray_rayinfer_inflight_requests",
+        "ray_rayinfer_phase_seconds",
+        "ray_rayinfer_batch_size",
+        "ray_rayinfer_input_tokens_total",
+        "ray_rayinfer_output_tokens_total",
+        "ray_rayinfer_time_to_first_token_seconds",
         "ray_rayinfer_inter_token_latency_seconds",
     }
     # The parser drops a counter's _total suffix from the family name.

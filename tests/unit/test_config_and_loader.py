@@ -29,12 +29,26 @@ def test_default_config_serves_the_bundled_and_the_built_model():
         ({"models": [{"name": "a", "task": "embed", "source": "x", "max_batch_size": 0}]}, "max_batch_size"),
         ({"models": [{"name": "a", "task": "embed", "source": "x", "batch_size": 8}]}, "batch_size"),
         ({"models": [{"name": "a", "task": "dance", "source": "x"}]}, "task"),
-        ({"models": [{"name": "a", "task": "embed", "source": "x", "pipeline_stages": 2, "pipeline_boundaries": [1, 2]}]},
-         "pipeline_boundaries needs 1 layer indices"),
-        ({"models": [{"name": "a", "task": "embed", "source": "x", "pipeline_microbatches": 2}]},
-         "pipeline_microbatches needs pipeline_stages > 1"),
-        ({"models": [{"name": "a", "task": "generate", "source": "x", "pipeline_stages": 2, "pipeline_microbatches": 0}]},
-         "pipeline_microbatches"),
+        (
+            {
+                "models": [
+                    {"name": "a", "task": "embed", "source": "x", "pipeline_stages": 2, "pipeline_boundaries": [1, 2]}
+                ]
+            },
+            "pipeline_boundaries needs 1 layer indices",
+        ),
+        (
+            {"models": [{"name": "a", "task": "embed", "source": "x", "pipeline_microbatches": 2}]},
+            "pipeline_microbatches needs pipeline_stages > 1",
+        ),
+        (
+            {
+                "models": [
+                    {"name": "a", "task": "generate", "source": "x", "pipeline_stages": 2, "pipeline_microbatches": 0}
+                ]
+            },
+            "pipeline_microbatches",
+        ),
     ],
 )
 def test_bad_config_is_rejected_naming_the_problem(args, words):
@@ -52,9 +66,11 @@ def test_serve_config_validates_against_ray_schema_and_ours(path):
     (app,) = deploy.applications
     config = AppConfig.model_validate(app.args)
     # Every override in the file names a deployment the graph really has.
-    graph_names = {"Ingress"} | {m.deployment_name for m in config.models} | {
-        m.stage_name(k) for m in config.models for k in range(m.pipeline_stages)
-    }
+    graph_names = (
+        {"Ingress"}
+        | {m.deployment_name for m in config.models}
+        | {m.stage_name(k) for m in config.models for k in range(m.pipeline_stages)}
+    )
     assert {d.name for d in app.deployments} <= graph_names
     for d in app.deployments:
         if d.name != "Ingress" and not d.name.startswith("Stage"):
@@ -71,8 +87,14 @@ def test_build_app_binds_ingress_over_one_deployment_per_model():
 
 def test_both_tasks_split_into_stages_and_microbatches_default_to_the_stage_count():
     embed = ModelConfig(name="e", task="embed", source=f"bundled:{MODEL}", pipeline_stages=3)
-    generate = ModelConfig(name="g", task="generate", source="built:tiny-lm", pipeline_stages=2, pipeline_microbatches=1)
-    assert (embed.microbatches, generate.microbatches, ModelConfig(name="w", task="embed", source="x").microbatches) == (3, 1, 1)
+    generate = ModelConfig(
+        name="g", task="generate", source="built:tiny-lm", pipeline_stages=2, pipeline_microbatches=1
+    )
+    assert (
+        embed.microbatches,
+        generate.microbatches,
+        ModelConfig(name="w", task="embed", source="x").microbatches,
+    ) == (3, 1, 1)
     app = build_app({"models": [embed.model_dump()]})
     embedder = app._bound_deployment.init_args[1]["e"]
     stages = embedder._bound_deployment.init_args[1]
@@ -80,8 +102,13 @@ def test_both_tasks_split_into_stages_and_microbatches_default_to_the_stage_coun
     assert [s._bound_deployment.init_args[1:] for s in stages] == [(0, 0, 1), (1, 1, 2), (2, 2, 6)]  # balanced by bytes
 
 
-@pytest.mark.parametrize("extra,words", [({"pipeline_stages": 7}, "'e': pipeline_stages: stages must be between 1 and the number of layers (6)"),
-                                         ({"pipeline_stages": 2, "pipeline_boundaries": [6]}, "'e': pipeline_boundaries:")])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        ({"pipeline_stages": 7}, "'e': pipeline_stages: stages must be between 1 and the number of layers (6)"),
+        ({"pipeline_stages": 2, "pipeline_boundaries": [6]}, "'e': pipeline_boundaries:"),
+    ],
+)
 def test_a_split_the_model_cannot_take_is_refused_naming_the_field(extra, words):
     with pytest.raises(ValueError) as e:
         build_app({"models": [{"name": "e", "task": "embed", "source": f"bundled:{MODEL}", **extra}]})
@@ -95,7 +122,10 @@ def test_resolve_bundled_built_and_local(tmp_path):
     assert resolve_source(str(tmp_path)) == tmp_path.resolve()
 
 
-@pytest.mark.parametrize("source,words", [("bundled:nope", "no bundled model"), ("built:nope", "no built model"), ("./missing-dir", "no such directory")])
+@pytest.mark.parametrize(
+    "source,words",
+    [("bundled:nope", "no bundled model"), ("built:nope", "no built model"), ("./missing-dir", "no such directory")],
+)
 def test_unresolvable_sources_say_why(source, words):
     with pytest.raises(SourceError, match=words):
         resolve_source(source)

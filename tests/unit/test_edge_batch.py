@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.edge_batch import EdgeBatcher
+from app.core.edge_batch import EdgeBatcher
 
 
 class GatedSender:

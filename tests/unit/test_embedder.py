@@ -45,8 +45,10 @@ def test_a_second_batch_enters_the_first_stage_while_the_first_is_in_the_second(
         # A driver that waited for batch A's vectors before sending batch B would never get past this.
         await second_batch_in_stage0.wait()
 
-    handles = [StageHandle(load_encoder_stage(bundled_path, 0, 1), stage0_gate),
-               StageHandle(load_encoder_stage(bundled_path, 1, 6), stage1_gate)]
+    handles = [
+        StageHandle(load_encoder_stage(bundled_path, 0, 1), stage0_gate),
+        StageHandle(load_encoder_stage(bundled_path, 1, 6), stage1_gate),
+    ]
     cfg = ModelConfig(name="p", task="embed", source=f"bundled:{MODEL}", pipeline_stages=2, num_threads=1, device="cpu")
     driver = Embedder.func_or_class(cfg, handles)
     assert driver.model.model is None  # the driver holds no weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -73,7 +74,7 @@ def test_cls_pooling_read_from_config(tmp_path):
 def test_split_encoder_gives_the_unsplit_vectors(model, bundled_path, edges):
     from models.encoder_stages import load_encoder_stage
 
-    stages = [load_encoder_stage(bundled_path, a, b) for a, b in zip(edges, edges[1:])]
+    stages = [load_encoder_stage(bundled_path, a, b) for a, b in itertools.pairwise(edges)]
     split = EmbeddingModel(bundled_path, stages=stages)
     assert split.model is None  # the weights are in the stages only
     ids = model.tokenize(TEXTS)
@@ -118,4 +119,6 @@ def test_an_encoder_stage_built_on_the_meta_device_computes_its_buffers(bundled_
     assert not [n for n, t in [*stage.model.named_parameters(), *stage.model.named_buffers()] if t.is_meta]
     for name in ("position_ids", "token_type_ids"):  # not read from the checkpoint: computed
         assert torch.equal(getattr(stage.model.embeddings, name), getattr(model.model.embeddings, name)), name
-    assert torch.equal(stage.model.encoder.layer[2].output.dense.weight, model.model.encoder.layer[2].output.dense.weight)
+    assert torch.equal(
+        stage.model.encoder.layer[2].output.dense.weight, model.model.encoder.layer[2].output.dense.weight
+    )

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.config import ModelConfig
-from app.errors import InputTooLong, InvalidInput
+from app.core.errors import InputTooLong, InvalidInput
 from deployments.generator import Generator
 from deployments.types import GenerateJob
 from models.causal_lm import CausalLM
@@ -60,7 +60,9 @@ def test_greedy_equals_hugging_face_generate(lm):
     for text in PROMPTS:
         ids = lm.encode(text)
         with torch.inference_mode():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+            ref = hf.generate(
+                torch.tensor([ids]), max_new_tokens=40, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id
+            )
         ref_new = ref[0, len(ids) :].tolist()
         tokens, out_text, finish = solo(lm, ids, SamplingParams(max_tokens=40, temperature=0))
         assert tokens == ref_new, text
@@ -97,7 +99,7 @@ def test_stop_string_ends_the_text_before_it(lm):
     full = solo(lm, prompt, SamplingParams(max_tokens=40, temperature=0))[1]
     stop = full[5:8]
     assert len(full) > 8 and stop.strip()
-    tokens, text, finish = solo(lm, prompt, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
+    _tokens, text, finish = solo(lm, prompt, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
     assert finish == "stop"
     assert text == full[: full.index(stop)]
 
@@ -172,8 +174,10 @@ def test_two_stages_give_the_whole_models_tokens(lm):
     from models.stages import stage_runner
 
     stages = [stage_runner(lm.path, 0, 2), stage_runner(lm.path, 2, 4)]
-    jobs = {f"s{i}": (lm.encode(p), SamplingParams(max_tokens=24, temperature=0 if i % 2 else 0.8, seed=i))
-            for i, p in enumerate(PROMPTS * 3)}
+    jobs = {
+        f"s{i}": (lm.encode(p), SamplingParams(max_tokens=24, temperature=0 if i % 2 else 0.8, seed=i))
+        for i, p in enumerate(PROMPTS * 3)
+    }
     whole = run(Engine(lm, max_batch_size=7), jobs)
     split = run(Engine(lm, max_batch_size=7, runners=stages), jobs)
     assert split == whole
@@ -227,9 +231,15 @@ def test_micro_batches_through_two_stages_give_the_whole_models_tokens(lm, micro
     from models.stages import stage_runner
 
     rng = random.Random(microbatches)
-    jobs = {f"s{i}": (lm.encode(p), SamplingParams(max_tokens=rng.randint(1, 30), temperature=0 if i % 2 else 0.8,
-                                                   top_p=1.0 if i % 3 else 0.8, seed=i))
-            for i, p in enumerate(PROMPTS * 3)}
+    jobs = {
+        f"s{i}": (
+            lm.encode(p),
+            SamplingParams(
+                max_tokens=rng.randint(1, 30), temperature=0 if i % 2 else 0.8, top_p=1.0 if i % 3 else 0.8, seed=i
+            ),
+        )
+        for i, p in enumerate(PROMPTS * 3)
+    }
     whole = run(Engine(lm, max_batch_size=7), jobs)  # sequences join as others leave
     stages = [Deferred(stage_runner(lm.path, 0, 2)), Deferred(stage_runner(lm.path, 2, 4), log=[])]
     split = run(Engine(lm, max_batch_size=7, runners=stages, microbatches=microbatches), jobs)
@@ -294,16 +304,20 @@ def test_a_stage_built_on_the_meta_device_holds_the_checkpoints_weights_and_comp
 
     from models.stages import load_stage
 
-    stage, first, last = load_stage(lm.path, start, end)
+    stage, _first, last = load_stage(lm.path, start, end)
     whole = AutoModelForCausalLM.from_pretrained(lm.path).eval()
     tensors = dict(stage.named_parameters()) | dict(stage.named_buffers())
     assert not [name for name, t in tensors.items() if t.is_meta]
     checkpoint = load_file(lm.path / "model.safetensors")
     for name, p in stage.named_parameters():
         m = re.match(r"^(model\.)?layers\.(\d+)\.(.*)$", name)
-        source = f"model.layers.{int(m.group(2)) + start}.{m.group(3)}" if m else ("model." + name.removeprefix("model."))
+        source = (
+            f"model.layers.{int(m.group(2)) + start}.{m.group(3)}" if m else ("model." + name.removeprefix("model."))
+        )
         source = "model.embed_tokens.weight" if name == "lm_head.weight" else source  # tied head
         assert torch.equal(p, checkpoint[source]), name  # loaded as is, not re-initialised
     base = stage.model if last else stage
     torch.testing.assert_close(base.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq, atol=0, rtol=0)
-    torch.testing.assert_close(base.rotary_emb.original_inv_freq, whole.model.rotary_emb.original_inv_freq, atol=0, rtol=0)
+    torch.testing.assert_close(
+        base.rotary_emb.original_inv_freq, whole.model.rotary_emb.original_inv_freq, atol=0, rtol=0
+    )

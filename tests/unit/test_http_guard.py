@@ -8,9 +8,12 @@ import httpx
 from fastapi import FastAPI
 
 from app.config import AppConfig
-from app.errors import ERROR_TABLE, Unauthorized
-from app.http_errors import install_error_handlers
-from app.http_guard import AuthMiddleware, InflightGate, InflightLimitMiddleware, key_matches, load_api_keys
+from app.core.errors import ERROR_TABLE, Unauthorized
+from app.core.guard import InflightGate, key_matches, load_api_keys
+from app.http.errors import ErrorBodies, install_error_handlers
+from app.http.middleware import AuthMiddleware, BodyLimitMiddleware, InflightLimitMiddleware
+from app.oip.rest import routes as oip_routes
+from app.openai import routes as openai_routes
 
 
 class Gate:
@@ -27,14 +30,20 @@ class Gate:
         await self.open.wait()
 
 
-def _app(keys=(), limit=(1000, 1), gate: Gate | None = None) -> FastAPI:
+def _app(keys=(), limit=(1000, 1), gate: Gate | None = None, max_bytes: int = 1 << 20) -> FastAPI:
+    """The ingress's middleware stack and error bodies (as app/ingress.py wires them) over stub routes."""
     app = FastAPI()
-    inflight = InflightGate(*limit)
-    app.add_middleware(InflightLimitMiddleware, gate_of=lambda: inflight)
-    app.add_middleware(AuthMiddleware, keys_of=lambda: keys)
-    install_error_handlers(app)
+    bodies = ErrorBodies(
+        {openai_routes.PREFIX: openai_routes.ERROR_BODY, oip_routes.PREFIX: oip_routes.ERROR_BODY},
+        default=openai_routes.ERROR_BODY,
+    )
+    app.add_middleware(BodyLimitMiddleware, limit=max_bytes, bodies=bodies)
+    app.add_middleware(InflightLimitMiddleware, gate=InflightGate(*limit), bodies=bodies)
+    app.add_middleware(AuthMiddleware, keys=keys, bodies=bodies)
+    install_error_handlers(app, bodies)
 
     @app.post("/v1/embeddings")
+    @app.post("/v2/models/m/infer")
     async def embeddings() -> dict:
         if gate is not None:
             await gate.hold()
@@ -118,3 +127,28 @@ def test_past_the_inflight_limit_the_ingress_answers_503_with_retry_after_at_onc
             assert (await client.post("/v1/embeddings")).status_code == 200
 
     run(main())
+
+
+def test_guards_answer_each_protocol_with_its_own_error_body():
+    """401, 413 and 503 from the middleware: OpenAI's body under /v1, OIP's `{"error": "..."}` under /v2."""
+
+    async def answers(path: str) -> list[httpx.Response]:
+        gate, auth = Gate(expect=1), {"Authorization": "Bearer k"}
+        async with _client(_app(keys=(b"k",), limit=(1, 1), gate=gate, max_bytes=1024)) as client:
+            unauthorized = await client.post(path)
+            too_large = await client.post(path, headers=auth, content=b"x" * 2048)
+            held = asyncio.ensure_future(client.post(path, headers=auth))
+            await gate.entered.wait()  # one request inside: the next is over the limit of 1
+            shed = await client.post(path, headers=auth)
+            gate.open.set()
+            assert (await held).status_code == 200
+            return [unauthorized, too_large, shed]
+
+    for path in ("/v1/embeddings", "/v2/models/m/infer"):
+        responses = run(answers(path))
+        assert [r.status_code for r in responses] == [401, 413, 503]
+        for r in responses:
+            if path.startswith("/v2"):
+                assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), r.json()
+            else:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.json()

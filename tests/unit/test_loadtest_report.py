@@ -11,15 +11,18 @@ from loadtest.scenarios import Outcome
 
 
 def samples(latencies_ms, status="200", warmup=False, t0=0.0):
-    return [Sample(t=t0 + i * 0.01, latency_s=ms / 1000, outcome=Outcome(status=status), warmup=warmup)
-            for i, ms in enumerate(latencies_ms)]
+    return [
+        Sample(t=t0 + i * 0.01, latency_s=ms / 1000, outcome=Outcome(status=status), warmup=warmup)
+        for i, ms in enumerate(latencies_ms)
+    ]
 
 
 def test_percentiles_errors_and_rates_from_measured_samples_only():
     measured = samples(range(1, 101)) + samples([5] * 10, status="503")
     warm = samples([10_000] * 50, warmup=True)
-    s = summarize(measured + warm, duration_s=10, items_per_request=4, target_rate=12, concurrency=None,
-                  scenario="embeddings")
+    s = summarize(
+        measured + warm, duration_s=10, items_per_request=4, target_rate=12, concurrency=None, scenario="embeddings"
+    )
     assert s["requests"] == 110 and s["ok"] == 100
     assert s["errors_by_status"] == {"503": 10}
     assert s["latency_ms"]["p50"] == pytest.approx(50.5)

@@ -9,11 +9,11 @@ import grpc
 import numpy as np
 import pytest
 
-from app.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge
-from app.oip import InferResponse
-from app.oip_grpc import request_from_proto, response_to_proto, status_of
-from app.oip_tensors import Tensor, flatten, from_elements, from_raw, texts_of, to_elements, to_raw
-from app.protos import grpc_predict_v2_pb2 as pb
+from app.core.errors import DeadlineExceeded, InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge
+from app.oip.core import InferResponse
+from app.oip.grpc import grpc_predict_v2_pb2 as pb
+from app.oip.grpc.servicer import request_from_proto, response_to_proto, status_of
+from app.oip.tensors import Tensor, flatten, from_elements, from_raw, texts_of, to_elements, to_raw
 
 
 def test_bytes_tensor_from_json_strings_and_back():
@@ -86,7 +86,9 @@ def test_bad_raw_contents_are_invalid_input(datatype, shape, raw, words):
 
 
 def test_grpc_request_typed_and_raw_give_the_same_record():
-    typed = pb.ModelInferRequest(model_name="m", id="7", parameters={"temperature": pb.InferParameter(double_param=0.5)})
+    typed = pb.ModelInferRequest(
+        model_name="m", id="7", parameters={"temperature": pb.InferParameter(double_param=0.5)}
+    )
     tensor = typed.inputs.add(name="text", datatype="BYTES", shape=[2])
     tensor.contents.bytes_contents.extend([b"a", b"bc"])
     typed.outputs.add(name="embedding")
@@ -200,8 +202,14 @@ KSERVE_FIELDS = {
     ("RepositoryModelUnloadResponse", "isUnloaded"): (2, T.TYPE_BOOL, False),
 }
 KSERVE_RPCS = {
-    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-    "RepositoryModelLoad", "RepositoryModelUnload",
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 }
 
 

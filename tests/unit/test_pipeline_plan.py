@@ -19,7 +19,7 @@ def test_tiny_lm_in_two_stages_covers_every_layer_once():
     p = plan(config, 2, "float32")
     assert [s.layers for s in p.stages] == [(0, 2), (2, 4)]
     assert sum(s.param_bytes for s in p.stages) == p.total_param_bytes
-    first, per_layer, last = layer_bytes(config, "float32")
+    first, _per_layer, last = layer_bytes(config, "float32")
     # tiny-lm ties its head to the embeddings: both end stages carry a copy.
     assert first == last - 64 * 4  # the last stage also holds the final norm (hidden size 64)
 
@@ -54,10 +54,12 @@ def test_boundaries_minimise_the_largest_stage():
         layers = [rng.randint(1, 100) for _ in range(rng.randint(2, 9))]
         first, last, k = rng.randint(0, 200), rng.randint(0, 200), rng.randint(1, min(4, len(layers)))
 
-        def largest(cuts):
+        def largest(cuts, layers=layers, first=first, last=last, k=k):
             edges = [0, *cuts, len(layers)]
-            return max(sum(layers[a:b]) + (first if i == 0 else 0) + (last if i == k - 1 else 0)
-                       for i, (a, b) in enumerate(zip(edges, edges[1:])))
+            return max(
+                sum(layers[a:b]) + (first if i == 0 else 0) + (last if i == k - 1 else 0)
+                for i, (a, b) in enumerate(itertools.pairwise(edges))
+            )
 
         best = min(largest(c) for c in itertools.combinations(range(1, len(layers)), k - 1))
         assert largest(balanced_boundaries(first, layers, last, k)) == best

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.errors import (
+from app.core.errors import (
     ERROR_TABLE,
     ClientError,
     InputTooLong,
@@ -15,10 +15,13 @@ from app.errors import (
     RayInferError,
     ServerError,
     kind_of,
-    openai_error_body,
 )
-from app.openai_api import to_job
-from app.schemas import EmbeddingRequest
+from app.core.inputs import embed_job
+from app.openai.protocol import EmbeddingRequest, error_body
+
+
+def to_job(req: EmbeddingRequest, max_items: int):
+    return embed_job(req.input, max_items)
 
 
 @pytest.mark.parametrize(
@@ -66,5 +69,5 @@ def test_errors_survive_pickling_with_their_fields():
 
 
 def test_openai_error_body_shape():
-    body = openai_error_body("nope", kind_of(RayInferError("nope")))
+    body = error_body("nope", kind_of(RayInferError("nope")))
     assert set(body["error"]) == {"message", "type", "param", "code"}

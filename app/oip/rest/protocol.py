@@ -1,0 +1,122 @@
+"""REST side of the Open Inference Protocol (JSON tensors): wire schemas and the thin conversion
+to and from the core records in `app/oip/core.py`. Every error under /v2 has OIP's body,
+`{"error": "..."}`, with the status of the one error table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from app.core.errors import ErrorKind
+from app.oip import core as oip
+from app.oip.tensors import flatten, from_elements, to_elements
+
+
+class RequestInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr
+    shape: list[StrictInt] = Field(max_length=32)
+    datatype: StrictStr
+    parameters: dict[str, Any] | None = Field(None, description="Accepted and ignored (e.g. `content_type`).")
+    data: list[Any] = Field(description="Elements, flat or nested, row-major; BYTES elements as strings.")
+
+
+class RequestOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr
+    parameters: dict[str, Any] | None = Field(None, description="Accepted and ignored (e.g. `binary_data`).")
+
+
+class InferRequestBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: StrictStr | None = Field(None, description="Echoed in the response.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="Generation models: max_tokens, temperature, top_p, seed, stop. Others: none."
+    )
+    inputs: list[RequestInput] = Field(min_length=1, max_length=64)
+    outputs: list[RequestOutput] | None = Field(None, description="Outputs to return; all when absent.")
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponseBody(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    parameters: dict[str, Any] = {}
+    outputs: list[ResponseOutput]
+
+
+class TensorMetadataBody(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataBody(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadataBody]
+    outputs: list[TensorMetadataBody]
+
+
+class ServerMetadataBody(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipError(BaseModel):
+    error: str
+
+
+def error_body(message: str, kind: ErrorKind, param: str | None = None) -> dict:
+    """OIP's error body: `{"error": "<message>"}` (the status carries the kind)."""
+    return {"error": message}
+
+
+def request_from_body(model: str, body: InferRequestBody) -> oip.InferRequest:
+    inputs = [
+        from_elements(t.name, t.datatype, t.shape, flatten(t.data), f"inputs[{i}] `{t.name}`")
+        for i, t in enumerate(body.inputs)
+    ]
+    return oip.InferRequest(
+        model=model,
+        id=body.id or "",
+        inputs=inputs,
+        parameters=dict(body.parameters or {}),
+        outputs=[o.name for o in body.outputs] if body.outputs else None,
+    )
+
+
+def response_body(resp: oip.InferResponse) -> dict:
+    body: dict[str, Any] = {"model_name": resp.model, "model_version": oip.VERSION, "id": resp.id}
+    if resp.parameters:
+        body["parameters"] = resp.parameters
+    body["outputs"] = [
+        {"name": t.name, "shape": list(t.shape), "datatype": t.datatype, "data": to_elements(t)} for t in resp.outputs
+    ]
+    return body
+
+
+def metadata_body(meta: oip.ModelMetadata) -> dict:
+    def specs(items: tuple[oip.TensorSpec, ...]) -> list[dict]:
+        return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in items]
+
+    return {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "platform": meta.platform,
+        "inputs": specs(meta.inputs),
+        "outputs": specs(meta.outputs),
+    }

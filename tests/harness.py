@@ -1,0 +1,176 @@
+"""The cluster harness of the tests and benchmarks: start and stop the Ray clusters and Serve
+instances they talk to (`serve run`, `ray start --head`, `serve deploy`), each on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import yaml
+
+from app.environment import SERVE_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Ports HAProxy and Serve's fallback proxy otherwise take at fixed numbers (9101, 8404, 8500, 9500),
+# machine-wide: a test or bench cluster takes free ones, so it can run beside another Serve instance.
+FIXED_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_env() -> dict[str, str]:
+    """The serving environment (app/environment.py), with free ports for what would otherwise bind fixed ones."""
+    return {**SERVE_ENV, **{name: str(free_port()) for name in FIXED_PORT_VARS}}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 240) -> None:
+    """Until GET `url` answers 200; a RuntimeError with the log's tail if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text()[-4000:] if log_path.exists() else ""
+            raise RuntimeError(f"{proc.args[0]} did not become ready (exit {proc.poll()}):\n{tail}")
+        time.sleep(0.5)  # polling a readiness endpoint
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | None = None) -> Iterator[str]:
+    """`serve run` of `config` (a serve_config.yaml as a dict) on its own new Ray cluster; yields the URL."""
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rayinfer-"))
+    config_path = log_dir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = log_dir / "serve.log"
+    # RAY_ADDRESS=local: a new cluster, never someone else's running one.
+    full_env = {**os.environ, "RAY_ADDRESS": "local", **serve_env(), **(env or {})}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "serve"), "run", str(config_path)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    try:
+        wait_ready(f"{url}/readyz", proc, log_path)
+        yield url
+    finally:
+        stop(proc)
+        # Whatever of that cluster outlived `serve run` (its process group), and nothing else:
+        # `ray stop` would kill every Ray cluster on the machine.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@dataclasses.dataclass
+class RayHead:
+    dashboard: str  # what `serve deploy -a` and the REST/state APIs talk to
+    env: dict[str, str]  # for CLI calls against it (its auth token)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+
+
+@contextlib.contextmanager
+def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
+    """A long-lived cluster as operators run one: `ray start --head`, with Ray's token
+    authentication on (its own token), every port it would take at a fixed number on a free one,
+    its own temp dir, the dashboard on loopback. Stops only its own processes."""
+    ports = {
+        flag: free_port()
+        for flag in (
+            "--port",
+            "--dashboard-port",
+            "--ray-client-server-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
+    }
+    args = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={log_dir / 'ray'}",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # The Serve controller and proxies inherit the environment. On a busy small machine the
+    # dashboard agent can take over Ray's default 30 s to start, and the raylet then aborts.
+    env = {**os.environ, **serve_env(), **auth, "RAY_agent_register_timeout_ms": "120000"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = log_dir / "ray_start.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(f"http://127.0.0.1:{ports['--dashboard-port']}", auth)
+    try:
+        wait_ready(f"{head.dashboard}/api/gcs_healthz", proc, log_path, timeout_s=180)
+        yield head
+    finally:
+        stop(proc)  # `ray start --block` takes its processes down with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def serve_deploy(config: dict, head: RayHead, path: Path) -> None:
+    """`serve deploy` of `config` (a serve_config.yaml as a dict) to the cluster."""
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run(
+        [str(BIN / "serve"), "deploy", str(path), "-a", head.dashboard],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, **head.env},
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def serve_config_on(port: int, grpc_port: int | None = None) -> dict:
+    """The shipped serve_config.yaml with only the HTTP and gRPC ports changed (gRPC: a free one by default)."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    config["grpc_options"]["port"] = grpc_port or free_port()
+    return config
