@@ -111,7 +111,36 @@ class ModelConfig(BaseModel):
         ),
     )
     num_threads: int | None = Field(
-        None, ge=1, le=256, description="Torch threads in the replica; default: the CPUs Ray assigned it."
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "Compute threads of the replica (shared by its concurrent batches); default: the CPUs Ray assigned it."
+        ),
+    )
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch",
+        description=(
+            "embed: `torch` (transformers' forward; any device, pipeline stages) or `onnx` (the same weights "
+            "exported once to ONNX Runtime: the same fp32 vectors at less CPU per text; CPU, unsplit models)."
+        ),
+    )
+    concurrent_batches: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "embed: batches the model computes at once, each on num_threads / concurrent_batches threads, so "
+            "one batch tokenizes and gathers while another computes (unsplit models)."
+        ),
+    )
+    placement: Literal["replica", "ingress"] = Field(
+        "replica",
+        description=(
+            "embed: `replica` (its own Embedder deployment, reached through a DeploymentHandle) or `ingress` "
+            "(loaded inside every Ingress replica: no handle hop, for small CPU models; give the Ingress "
+            "deployment the model's CPUs)."
+        ),
     )
 
     @property
@@ -128,6 +157,11 @@ class ModelConfig(BaseModel):
             return 1
         return self.pipeline_microbatches or self.pipeline_stages
 
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches one replica computes at once: one per micro-batch of a pipeline, else concurrent_batches."""
+        return self.microbatches if self.pipeline_stages > 1 else self.concurrent_batches
+
     @model_validator(mode="after")
     def _pipeline(self) -> ModelConfig:
         if self.pipeline_microbatches is not None and self.pipeline_stages == 1:
@@ -136,6 +170,20 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"pipeline_boundaries needs {self.pipeline_stages - 1} layer indices for {self.pipeline_stages} stages"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_options(self) -> ModelConfig:
+        embed_only = {"runtime": "torch", "concurrent_batches": 1, "placement": "replica"}
+        for name, default in embed_only.items():
+            if self.task != "embed" and getattr(self, name) != default:
+                raise ValueError(f"{name}: only embedding models take it (task: embed); remove it")
+        if self.pipeline_stages > 1:
+            for name in ("runtime", "concurrent_batches", "placement"):
+                if getattr(self, name) != embed_only[name]:
+                    raise ValueError(f"{name}: a model split into pipeline_stages takes only the default")
+        if self.runtime == "onnx" and self.device == "cuda":
+            raise ValueError("runtime: onnx runs on the CPU here; use runtime: torch with device cuda")
         return self
 
 

@@ -8,11 +8,13 @@ for this replica, and a gRPC call to the method named like its RPC (app/oip/grpc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.config import AppConfig
+from app.config import AppConfig, ModelConfig
 from app.core.guard import InflightGate, load_api_keys
 from app.core.registry import ModelRegistry
 from app.http import health
@@ -21,6 +23,9 @@ from app.http.middleware import AuthMiddleware, BodyLimitMiddleware, InflightLim
 from app.oip.grpc.servicer import GRPCInferenceServicer
 from app.oip.rest import routes as oip_routes
 from app.openai import routes as openai_routes
+
+if TYPE_CHECKING:
+    from deployments.colocated import LocalEmbedder
 
 TITLE = "rayinfer"
 DESCRIPTION = "Model serving on Ray Serve: OpenAI-compatible (/v1) and Open Inference Protocol v2 (/v2)."
@@ -47,15 +52,32 @@ def make_api(
     return api
 
 
+def _local_embedder(cfg: ModelConfig) -> LocalEmbedder:
+    from deployments.colocated import LocalEmbedder  # torch and the model: only where one is placed here
+
+    return LocalEmbedder(cfg)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress()
 class Ingress(GRPCInferenceServicer):
     def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]):
         self.config = config
-        self.registry = ModelRegistry(config, handles)
+        self.local = {m.name: _local_embedder(m) for m in config.models if m.placement == "ingress"}
+        self.registry = ModelRegistry(config, handles, dict(self.local))
         # One bound for HTTP and gRPC inference alike (the gRPC servicer enters it too).
         self.inflight = InflightGate(config.max_inflight_requests, config.overload_retry_after_s)
         self.api_keys = load_api_keys(config)
+
+    async def model_stats(self, name: str) -> dict[str, int]:
+        """Batch counters of a model this replica holds (`placement: ingress`): batches, jobs, the
+        largest batch, the most batches computing at once."""
+        return dict(self.local[name].batches.stats)
+
+    async def check_health(self) -> None:
+        """Serve's health check: the models this replica holds (`placement: ingress`) compute."""
+        for model in self.local.values():
+            await model.check_health()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this once, after __init__: this replica's own app."""

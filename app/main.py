@@ -31,6 +31,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         )
         .bind(m, *([stages(m)] if m.pipeline_stages > 1 else []))
         for m in config.models
+        if m.placement == "replica"  # `ingress`: the Ingress replicas load it themselves
     }
     return deployment(Ingress).bind(config, handles)
 

@@ -1,11 +1,13 @@
-"""`make bench`: the side-by-side embeddings benchmark, written to BENCHMARKS.md.
+"""`make bench`, embeddings: rayinfer against the servers a user would pick instead, side by side
+in one run on one machine, and against the model's raw in-process limit.
 
-In one run on one machine: (1) the model's raw batched throughput in-process (the limit),
-(2) the naive peer (loadtest/naive_peer.py), (3) rayinfer in several configurations, each on
-single-text requests at concurrency 32 and 32-text requests at concurrency 4.
-
-Every server and the load generator run at nice 15: Ray's workers do, and a load generator at
-nice 0 on the same cores would starve them.
+Servers: the naive peer (benchmarks/naive_peer.py), LitServe and Infinity (each in its own venv under
+artifacts/peers/, built by benchmarks/peers.py, never in the project's), and rayinfer's variants
+(the shipped serve_config.yaml, and one switch changed each). Loads: `wrk` (C; a Lua script for the
+body: benchmarks/wrk/embeddings.lua) at concurrency 32 with one short text per request, then 32
+texts per request at concurrency 4; and the project's own load generator (python -m loadtest) at
+concurrency 32. Everything runs at nice 15: Ray's workers do, and a load generator at nice 0 on the
+same cores would starve them. Not a test: nothing asserts on speed. Writes artifacts/bench/embed.{md,json}.
 """
 
 from __future__ import annotations
@@ -15,171 +17,175 @@ import asyncio
 import contextlib
 import copy
 import datetime
+import json
 import os
-import platform
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks import peers
 from loadtest import report, runner
 from loadtest.scenarios import Embeddings, sentence
-from tests.harness import ROOT, free_port, serve_config_on, serve_run, stop, wait_ready
+from tests.harness import ROOT, free_port, serve_config_on, serve_run
 
 NICE = 15
-WORKLOADS = {"single": dict(texts=1, concurrency=32), "batch32": dict(texts=32, concurrency=4)}
-
-VARIANTS = {
-    "rayinfer, default config": dict(),
-    "rayinfer, default but edge batching off (one handle hop per request)": dict(args={"edge_batching": False}),
-    "rayinfer, default but Serve's Python proxy (no HAProxy)": dict(env={"RAY_SERVE_ENABLE_HA_PROXY": "0"}),
-    "rayinfer, default but OpenMP threads spin (no OMP_WAIT_POLICY=PASSIVE)": dict(
-        deployments={"Embedder-all-MiniLM-L6-v2": {"ray_actor_options": {"num_cpus": 2}}}
-    ),
+MODEL = "all-MiniLM-L6-v2"
+LUA = ROOT / "benchmarks" / "wrk" / "embeddings.lua"
+WORKLOADS = {"single": (1, 32), "batch32": (32, 4)}  # texts per request, connections
+SHIPPED = "rayinfer: serve_config.yaml"
+VARIANTS = {  # name: changes to the shipped config's embedding model entry and deployments
+    SHIPPED: {},
+    "rayinfer: runtime torch (same fp32 numerics, transformers' forward)": {"model": {"runtime": "torch"}},
+    "rayinfer: placement replica (its own Embedder deployment, one handle hop per batch)": {
+        "model": {"placement": "replica"}
+    },
 }
 
 
-def raw_limit(seconds: float) -> dict:
-    """Texts/s of the model alone, batches of 32, all cores: the ceiling for any server."""
-    import torch
+def raw_limit(runtime: str, seconds: float) -> dict:
+    """Texts/s of the model alone in-process, batches of 32, both cores: the ceiling for any server
+    of these numerics. Best of two layouts (one batch on 2 threads; two batches at once on 1 each)."""
+    from app.config import ModelConfig
+    from deployments.embedder import load_model
 
-    from models.embedding import EmbeddingModel
-    from models.loader import resolve_source
+    out = {}
+    texts = [sentence(i) for i in range(4096)]
+    for batches in (1, 2):
+        cfg = ModelConfig(name=MODEL, task="embed", source=f"bundled:{MODEL}", runtime=runtime,
+                          concurrent_batches=batches)  # fmt: skip
+        model = load_model(cfg, threads=os.cpu_count() or 2)
+        ids = model.tokenize(texts)
+        model.embed_ids(ids[:32])
+        done = [0] * batches
+        stop = time.perf_counter() + seconds
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = EmbeddingModel(resolve_source("bundled:all-MiniLM-L6-v2"))
-    ids = model.tokenize([sentence(i) for i in range(4096)])
-    model.embed_ids(ids[:32])
-    rounds = []
-    for _ in range(3):  # best of three: the limit is what the model can do, not a noisy moment
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            model.embed_ids(ids[n % 4064 : n % 4064 + 32], 32)
-            n += 32
-        rounds.append(n / (time.perf_counter() - start))
-    return {
-        "texts_per_s": round(max(rounds), 1),
-        "rounds": [round(r, 1) for r in rounds],
-        "threads": torch.get_num_threads(),
-    }
+        def work(k: int, model=model, ids=ids, done=done, stop=stop, batches=batches) -> None:
+            n = k * 32
+            while time.perf_counter() < stop:
+                model.embed_ids(ids[n % 4064 : n % 4064 + 32], 32)
+                done[k] += 32
+                n += 32 * batches
 
-
-def load(url: str, workload: str, duration: float, warmup: float) -> dict:
-    w = WORKLOADS[workload]
-    scenario = Embeddings("all-MiniLM-L6-v2", w["texts"])
-    samples = asyncio.run(runner.closed_loop(url, scenario, w["concurrency"], duration, warmup, timeout_s=60))
-    return report.summarize(samples, duration, w["texts"], None, w["concurrency"], "embeddings")
-
-
-@contextlib.contextmanager
-def naive_peer(log_dir: Path):
-    port = free_port()
-    log_path = log_dir / "naive.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            ["nice", "-n", str(NICE), sys.executable, "-m", "loadtest.naive_peer", str(port)],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        start = time.perf_counter()
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(batches)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out[f"{batches}x{(os.cpu_count() or 2) // batches} threads"] = round(
+            sum(done) / (time.perf_counter() - start), 1
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(f"{url}/readyz", proc, log_path)
-        yield url
-    finally:
-        stop(proc)
+    return {"texts_per_s": max(out.values()), "layouts": out}
+
+
+def wrk(url: str, texts: int, connections: int, seconds: float) -> dict:
+    """One wrk run; its Lua `done` prints a JSON line with the counts and percentiles."""
+    cmd = ["nice", "-n", str(NICE), "wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:.0f}s",
+           "--timeout", "30s", "-s", str(LUA), f"{url}/v1/embeddings", "--", MODEL, str(texts)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    stats = json.loads(next(line[5:] for line in out.splitlines() if line.startswith("JSON ")))
+    stats["requests_per_s"] = stats["requests"] / (stats["duration_us"] / 1e6)
+    stats["texts_per_s"] = stats["requests_per_s"] * texts
+    return stats
+
+
+def own_load(url: str, seconds: float) -> dict:
+    """The project's load generator (python -m loadtest), closed loop, 32 in flight, one text each."""
+    samples = asyncio.run(runner.closed_loop(url, Embeddings(MODEL, 1), 32, seconds, 3.0, timeout_s=60))
+    return report.summarize(samples, seconds, 1, None, 32, "embeddings")
+
+
+def measure(url: str, seconds: float) -> dict:
+    wrk(url, 1, 32, 3)  # warm-up: batch shapes, thread pools, allocator
+    result = {name: wrk(url, texts, conns, seconds) for name, (texts, conns) in WORKLOADS.items()}
+    result["loadtest"] = own_load(url, seconds)
+    return result
 
 
 def rayinfer_config(variant: dict) -> dict:
+    """The shipped config with only the unsplit embedding model (the others would idle beside it)."""
     config = serve_config_on(free_port())
     app = config["applications"][0]
-    app["args"] = {**app["args"], **variant.get("args", {})}
-    # The unsplit embedding model alone: the other models' replicas would idle beside it.
     app["args"]["models"] = [
         {**m, **variant.get("model", {})}
         for m in app["args"]["models"]
         if m["task"] == "embed" and m.get("pipeline_stages", 1) == 1
     ]
-    keep = {"Ingress"} | {f"Embedder-{m['name']}" for m in app["args"]["models"]}
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in keep]
-    for d in app["deployments"]:
-        d.update(copy.deepcopy(variant.get("deployments", {}).get(d["name"], {})))
+    placed_in_ingress = app["args"]["models"][0].get("placement") == "ingress"
+    keep = {"Ingress"} | ({f"Embedder-{MODEL}"} if not placed_in_ingress else set())
+    app["deployments"] = [copy.deepcopy(d) for d in app["deployments"] if d["name"] in keep]
     return config
 
 
-def run_all(duration: float, warmup: float, only: list[str] | None) -> dict:
+@contextlib.contextmanager
+def rayinfer(variant: dict, log_dir: Path) -> Iterator[str]:
+    with serve_run(rayinfer_config(variant), log_dir=log_dir) as url:
+        yield url
+
+
+def run_all(seconds: float, only: list[str] | None) -> dict:
     log_dir = ROOT / "artifacts" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = {"raw": raw_limit(10.0), "servers": {}}
+    results: dict = {"raw": {rt: raw_limit(rt, 10.0) for rt in ("onnx", "torch")}, "servers": {}}
+    print(f"raw limits: {results['raw']}", flush=True)
     os.nice(NICE)  # after the raw measurement, which has the machine to itself
-    print(f"raw limit: {results['raw']}", flush=True)
-    with naive_peer(log_dir) as url:
-        results["servers"]["naive peer (FastAPI + uvicorn, one call per request)"] = {
-            w: load(url, w, duration, warmup) for w in WORKLOADS
-        }
-    for name, variant in VARIANTS.items():
+    servers = {**{name: lambda d, n=name: peers.serve(n, d) for name in peers.PEERS}}
+    servers.update({name: lambda d, v=variant: rayinfer(v, d) for name, variant in VARIANTS.items()})
+    for name, start in servers.items():
         if only and not any(o in name for o in only):
             continue
-        with serve_run(rayinfer_config(variant), env=variant.get("env"), log_dir=log_dir) as url:
-            results["servers"][name] = {w: load(url, w, duration, warmup) for w in WORKLOADS}
-        print(f"{name}: done", flush=True)
+        with start(log_dir) as url:
+            results["servers"][name] = measure(url, seconds)
+        print(f"{name}: {json.dumps(results['servers'][name]['single'])}", flush=True)
     return results
 
 
 def render(results: dict, command: str) -> str:
-    raw = results["raw"]["texts_per_s"]
-    naive_single = next(iter(results["servers"].values()))["single"]["items_per_s"]
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    servers = results["servers"]
+    peer_names = [n for n in servers if n in peers.PEERS and n != peers.NAIVE]
+    best_peer = max((servers[n]["single"]["requests_per_s"] for n in peer_names), default=None)
+    raw = results["raw"]
     lines = [
-        "# Benchmarks",
+        f"Measured {datetime.date.today()} by `{command}`: {os.cpu_count()} cores, CPU only, fp32, "
+        f"load average before the run {results.get('load_before', '?')}.",
         "",
-        f"Measured {datetime.date.today()} by `{command}` on {os.cpu_count()} cores ({cpu}), "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, CPU only, fp32.",
+        f"Raw limit, in-process, batches of 32: onnx {raw['onnx']['texts_per_s']:.0f} texts/s "
+        f"({raw['onnx']['layouts']}), torch {raw['torch']['texts_per_s']:.0f} ({raw['torch']['layouts']}).",
         "",
-        f"Raw limit (the model alone in-process, batches of 32, {results['raw']['threads']} threads): "
-        f"**{raw} texts/s**.",
-        "",
-        "All servers and the load generator run at nice 15 (Ray's workers do; a generator at nice 0",
-        "would starve them). Closed loop; single = 1 text per request at concurrency 32; batch32 = 32",
-        "texts per request at concurrency 4. Ratios are texts/s over the raw limit and over the naive peer.",
-        "",
-        "| server | single: texts/s | × raw | × naive | p50 ms | p99 ms "
-        "| batch32: texts/s | × raw | p50 ms | p99 ms | errors |",
+        "| server | wrk single req/s | × best peer | × raw | p50 ms | p99 ms | wrk 32-text texts/s | × raw "
+        "| loadtest req/s | loadtest p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results["servers"].items():
-        s, b = r["single"], r["batch32"]
-        errors = {**s["errors_by_status"], **b["errors_by_status"]} or "none"
+    for name, r in servers.items():
+        s, b, lt = r["single"], r["batch32"], r["loadtest"]
+        rt = "torch" if "torch" in name or name in peers.PEERS else "onnx"
+        errors = s["errors_status"] + s["errors_other"] + b["errors_status"] + b["errors_other"]
+        vs_peer = f"{s['requests_per_s'] / best_peer:.2f}" if best_peer else "–"
         lines.append(
-            f"| {name} | {s['items_per_s']:.0f} | {s['items_per_s'] / raw:.2f} | {s['items_per_s'] / naive_single:.2f} "
-            f"| {s['latency_ms']['p50']:.0f} | {s['latency_ms']['p99']:.0f} | {b['items_per_s']:.0f} "
-            f"| {b['items_per_s'] / raw:.2f} | {b['latency_ms']['p50']:.0f} | {b['latency_ms']['p99']:.0f} | {errors} |"
+            f"| {name} | {s['requests_per_s']:.0f} | {vs_peer} | {s['texts_per_s'] / raw[rt]['texts_per_s']:.2f} "
+            f"| {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {b['texts_per_s']:.0f} "
+            f"| {b['texts_per_s'] / raw[rt]['texts_per_s']:.2f} "
+            f"| {lt['items_per_s']:.0f} | {lt['latency_ms']['p99']:.0f} | {errors or 'none'} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
-    p.add_argument("--duration", type=float, default=15.0)
-    p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--only", nargs="*", help="run only the rayinfer variants whose name contains one of these")
-    p.add_argument("--out", default=str(ROOT / "artifacts" / "bench" / "bench.md"))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load")
+    p.add_argument("--only", nargs="*", help="run only the servers whose name contains one of these")
+    p.add_argument("--out", default=str(ROOT / "artifacts" / "bench" / "embed.md"))
     args = p.parse_args(argv)
-    command = (
-        "make bench" if os.environ.get("MAKELEVEL") else "python -m loadtest.bench " + " ".join(argv or sys.argv[1:])
-    )
-    results = run_all(args.duration, args.warmup, args.only)
+    command = "make bench" if os.environ.get("MAKELEVEL") else "python -m benchmarks.bench " + " ".join(sys.argv[1:])
+    load_before = os.getloadavg()[0]
+    results = run_all(args.duration, args.only)
+    results["load_before"] = round(load_before, 2)
     text = render(results, command)
     Path(args.out).write_text(text)
-    (Path(args.out).with_suffix(".json")).write_text(__import__("json").dumps(results, indent=2))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
     print(text)
     return 0
 

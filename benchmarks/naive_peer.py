@@ -3,7 +3,7 @@
 One FastAPI/uvicorn process; the same model code, called once per request from FastAPI's
 thread pool. No batching across requests.
 
-    python -m loadtest.naive_peer PORT
+    python -m benchmarks.naive_peer PORT
 """
 
 from __future__ import annotations

@@ -98,7 +98,9 @@ class EmbeddingModel:
     """A tokenizer over a chain of encoder stages: the whole model as one stage, or a pipeline's stages.
 
     weights=False: tokenizer and config only, for a pipeline's driver (the weights live in its
-    stages); `stages`: in-process stages to run instead of the whole model.
+    stages); `stages`: in-process stages to run instead of the whole model. runtime: `torch`
+    (transformers' forward) or `onnx` (the same model exported to ONNX Runtime, models/onnx_encoder.py),
+    with `threads` intra-op threads per batch (torch's are process-wide: the caller sets them).
     """
 
     def __init__(
@@ -108,13 +110,19 @@ class EmbeddingModel:
         max_input_tokens: int | None = None,
         weights: bool = True,
         stages: list[Callable[[Hidden], Hidden | torch.Tensor]] | None = None,
+        runtime: str = "torch",
+        threads: int = 1,
     ):
         self.path = Path(path)
         self.device = torch.device(device)
         self.spec = read_pooling_spec(self.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = None
-        if weights and not stages:
+        if weights and not stages and runtime == "onnx":
+            from models.onnx_encoder import OnnxEncoder  # imports this module: loaded only when asked for
+
+            stages = [OnnxEncoder(self.path, self.spec, threads)]
+        elif weights and not stages:
             self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
         self.stages = stages or ([EncoderStage(self.model, self.spec, self.device, True, True)] if self.model else [])
         config = self.model.config if self.model is not None else AutoConfig.from_pretrained(self.path)

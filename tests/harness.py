@@ -40,9 +40,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A test cluster shares 2 cores with others: HAProxy's default 30 s to start was seen to run out
+# under load (the HAProxyManager is then killed and Serve never starts).
+SLOW_MACHINE_ENV = {"RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120"}
+
+
 def serve_env() -> dict[str, str]:
     """The serving environment (app/environment.py), with free ports for what would otherwise bind fixed ones."""
-    return {**SERVE_ENV, **{name: str(free_port()) for name in FIXED_PORT_VARS}}
+    return {**SERVE_ENV, **SLOW_MACHINE_ENV, **{name: str(free_port()) for name in FIXED_PORT_VARS}}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 240) -> None:

@@ -30,7 +30,7 @@ class EdgeBatcher(Generic[J, R]):
         self._send = send
         self._size_of = size_of
         self._max_items = max_items
-        self._max_inflight = max_inflight
+        self.max_inflight = max_inflight
         self._queue: list[tuple[J, asyncio.Future]] = []
         self._inflight = 0
         self._tasks: set[asyncio.Task] = set()  # the batches out, referenced until done
@@ -42,7 +42,7 @@ class EdgeBatcher(Generic[J, R]):
         return await future
 
     def _pump(self) -> None:
-        while self._queue and self._inflight < self._max_inflight:
+        while self._queue and self._inflight < self.max_inflight:
             batch: list[tuple[J, asyncio.Future]] = []
             items = 0
             while self._queue:

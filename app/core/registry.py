@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -44,6 +44,7 @@ def as_rayinfer_error(exc: BaseException) -> BaseException:
 
 
 T = TypeVar("T")
+REPLICA_POLL_S = 10.0  # how often the edge batchers follow the models' replica counts
 
 
 def replica_lost(exc: BaseException) -> bool:
@@ -53,20 +54,55 @@ def replica_lost(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, ReplicaLost))
 
 
+class EmbedBackend(Protocol):
+    """Where an embedding model runs: its Embedder deployment, or inside this ingress replica."""
+
+    async def embed(self, job: EmbedJob) -> EmbedResult | RayInferError: ...
+
+    async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]: ...
+
+    async def metadata(self) -> ModelInfo: ...
+
+
+class HandleBackend:
+    """A model in its own deployment, one DeploymentHandle call per job or edge batch."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def embed(self, job: EmbedJob) -> EmbedResult | RayInferError:
+        return await self.handle.embed.remote(job)
+
+    async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
+        return await self.handle.embed_many.remote(jobs)
+
+    async def metadata(self) -> ModelInfo:
+        return await self.handle.metadata.remote()
+
+
 class ModelRegistry:
-    def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]):
+    """The served models and how to reach each: a deployment's handle, or (`placement: ingress`) a
+    model held by this ingress replica (`local`)."""
+
+    def __init__(
+        self, config: AppConfig, handles: dict[str, DeploymentHandle], local: dict[str, EmbedBackend] | None = None
+    ):
         self.config = config
         self._models: dict[str, ModelConfig] = {m.name: m for m in config.models}
         self._handles = handles
+        self._local = local or {}
         self._info: dict[str, ModelInfo] = {}
+        self._embedders: dict[str, EmbedBackend] = {
+            name: self._local.get(name) or HandleBackend(handles[name])
+            for name, m in self._models.items()
+            if m.task == "embed"
+        }
         self._batchers: dict[str, EdgeBatcher[EmbedJob, EmbedResult | RayInferError]] = {
-            # One batch more in flight than the model runs at once (a pipeline runs one per micro-batch),
-            # so the next is already gathering at the replica.
             name: EdgeBatcher(
-                self._sender(handles[name]),
+                self._embedders[name].embed_many,
                 size_of=len,
                 max_items=config.edge_batch_max_items,
-                max_inflight=m.microbatches + 1,
+                max_inflight=self._inflight_limit(m, replicas=1),
             )
             for name, m in self._models.items()
             if m.task == "embed" and config.edge_batching
@@ -74,13 +110,19 @@ class ModelRegistry:
         self._streams = {
             name: handles[name].options(stream=True) for name, m in self._models.items() if m.task == "generate"
         }
+        self._follower: asyncio.Future | None = None  # started with the first embedding (needs the event loop)
 
-    @staticmethod
-    def _sender(handle: DeploymentHandle) -> Callable[[list[EmbedJob]], Awaitable[list[EmbedResult | RayInferError]]]:
-        async def send(jobs: list[EmbedJob]) -> list[EmbedResult | RayInferError]:
-            return await handle.embed_many.remote(jobs)
+    def _inflight_limit(self, m: ModelConfig, replicas: int) -> int:
+        """Edge batches out at once: one per batch the model's replicas compute at once, plus one, so
+        the next is already gathering where it will run."""
+        return m.batches_in_flight * (1 if m.name in self._local else max(1, replicas)) + 1
 
-        return send
+    def scale_batchers(self, running: dict[str, int]) -> None:
+        """Follow the models' RUNNING replica counts (autoscaling adds and removes them)."""
+        for name, batcher in self._batchers.items():
+            m = self._models[name]
+            if m.deployment_name in running:
+                batcher.max_inflight = self._inflight_limit(m, running[m.deployment_name])
 
     def deadline(self) -> float:
         """Until when (monotonic) a request that loses its replica is retried."""
@@ -110,8 +152,19 @@ class ModelRegistry:
                 await self.retry_lost(name, exc, deadline, attempt)
                 attempt += 1
 
+    async def _follow_replicas(self) -> None:
+        """Every REPLICA_POLL_S, scale the edge batchers to the models' RUNNING replicas."""
+        while True:
+            running = await _running_replicas()
+            if running is None:
+                return  # not in a Serve replica (unit tests): nothing to follow
+            self.scale_batchers(running)
+            await asyncio.sleep(REPLICA_POLL_S)
+
     async def embed(self, name: str, job: EmbedJob) -> EmbedResult | RayInferError:
         """One request's job, through the model's edge batcher when there is one; retried if its replica dies."""
+        if self._follower is None and self._batchers:
+            self._follower = asyncio.ensure_future(self._follow_replicas())
         batcher = self._batchers.get(name)
         use_batcher = batcher is not None and len(job) <= self.config.edge_batch_max_request_items
 
@@ -119,7 +172,7 @@ class ModelRegistry:
             if batcher is not None and use_batcher:
                 result = await batcher.submit(job)
             else:
-                result = await self._handles[name].embed.remote(job)
+                result = await self._embedders[name].embed(job)
             if isinstance(result, ReplicaLost):  # a pipeline stage died under the batch: run it again
                 raise result
             return result
@@ -163,13 +216,16 @@ class ModelRegistry:
         label_model(cfg.name)
         return cfg
 
+    async def _metadata(self, name: str) -> ModelInfo:
+        if name in self._embedders:
+            return await self._embedders[name].metadata()
+        return await self._handles[name].metadata.remote()
+
     async def info(self, name: str, timeout_s: float | None = None) -> ModelInfo:
         if name not in self._info:
-            response = self._handles[name].metadata.remote()
-            try:
-                self._info[name] = await asyncio.wait_for(_awaitable(response), timeout_s)
+            try:  # a timeout cancels the call, and with it the handle's request
+                self._info[name] = await asyncio.wait_for(self._metadata(name), timeout_s)
             except asyncio.TimeoutError:
-                response.cancel()
                 raise ModelNotReady(f"model {name!r} did not answer within {timeout_s}s") from None
         return self._info[name]
 
@@ -179,21 +235,22 @@ class ModelRegistry:
         names = list(self._models) if names is None else names
 
         async def probe(name: str) -> str | None:
-            response = self._handles[name].metadata.remote()
             try:
-                await asyncio.wait_for(_awaitable(response), timeout)
+                await asyncio.wait_for(self._metadata(name), timeout)
                 return None
             except asyncio.TimeoutError:
-                response.cancel()
                 return f"no answer within {timeout}s"
             except Exception as exc:  # any failure means not ready; report it
                 return f"{type(exc).__name__}: {exc}"
 
         running = await _running_replicas()
+        if running is not None:
+            self.scale_batchers(running)
         results = await asyncio.gather(*(probe(n) for n in names))
         failing = {n: r for n, r in zip(names, results) if r is not None}
         for name in names:
-            if running is not None and running.get(self._models[name].deployment_name, 0) == 0:
+            deployed = name not in self._local
+            if deployed and running is not None and running.get(self._models[name].deployment_name, 0) == 0:
                 failing[name] = "no healthy replica"
         if failing:  # say why in the replica's log: a readiness probe only sees a bool or a 503
             logger.warning("not ready: %s", failing)
@@ -209,7 +266,3 @@ async def _running_replicas() -> dict[str, int] | None:
         return None
     deployments = status.applications[app].deployments if app in status.applications else {}
     return {name: d.replica_states.get(ReplicaState.RUNNING, 0) for name, d in deployments.items()}
-
-
-async def _awaitable(response: Any) -> Any:
-    return await response

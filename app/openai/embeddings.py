@@ -36,8 +36,8 @@ async def create_embeddings(registry: ModelRegistry, req: EmbeddingRequest) -> d
     }
 
 
-def _encode(vec: np.ndarray, encoding_format: str) -> list[float] | str:
+def _encode(vec: np.ndarray, encoding_format: str) -> np.ndarray | str:
     if encoding_format == "base64":
         # What the official client decodes: little-endian float32 bytes.
         return base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
-    return vec.tolist()
+    return vec  # float32: the response encoder writes it as a JSON array (app/http/responses.py)

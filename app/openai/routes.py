@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from app.http.errors import error_responses
+from app.http.responses import FastJSONResponse
 from app.http.routing import Registry
 from app.openai.completions import complete, first_item, sse_events
 from app.openai.embeddings import create_embeddings
@@ -32,7 +33,7 @@ INFERENCE_ERRORS = error_responses(ErrorResponse)
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=INFERENCE_ERRORS)
 async def embeddings(body: EmbeddingRequest, registry: Registry) -> JSONResponse:
     """Embed texts or token ids (OpenAI's `POST /v1/embeddings`)."""
-    return JSONResponse(await create_embeddings(registry, body))
+    return FastJSONResponse(await create_embeddings(registry, body))
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=INFERENCE_ERRORS)

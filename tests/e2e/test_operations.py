@@ -29,11 +29,18 @@ EMBEDDER, GENERATOR = f"Embedder-{MODEL}", f"Generator-{LM}"
 
 
 def base_config() -> dict:
-    """The shipped config without the pipeline model (its stages add nothing here but start-up time)."""
+    """The shipped config without the pipeline model (its stages add nothing here but start-up time),
+    and with the embedding model in its own deployment (`placement: replica`, how a larger or GPU model
+    is served): the operations act on model replicas."""
     config = serve_config_on(free_port())
     app = config["applications"][0]
     app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] in (MODEL, LM)]
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", EMBEDDER, GENERATOR)]
+    model_args(config, MODEL)["placement"] = "replica"
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", GENERATOR)]
+    app["deployments"].append(
+        {"name": EMBEDDER, "num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 512,
+         "backpressure_config": {"retry_after_s": 1}, "ray_actor_options": {"num_cpus": 1}}
+    )  # fmt: skip
     return config
 
 

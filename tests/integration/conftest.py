@@ -79,5 +79,7 @@ def http(serve_url):
 
 
 @pytest.fixture(scope="session")
-def embedder_handle(serve_url):
-    return serve.get_deployment_handle("Embedder-all-MiniLM-L6-v2", app_name=APP)
+def embed_stats(serve_url):
+    """The embedding model's batch counters, from the (one) Ingress replica that holds it (placement: ingress)."""
+    ingress = serve.get_deployment_handle("Ingress", app_name=APP)
+    return lambda: ingress.model_stats.remote("all-MiniLM-L6-v2").result()

@@ -83,8 +83,8 @@ async def _concurrent(url: str, inputs: list) -> list[httpx.Response]:
 
 
 @pytest.mark.slow
-def test_96_concurrent_requests_each_get_their_own_vector(serve_url, reference, embedder_handle):
-    before = embedder_handle.batch_stats.remote().result()
+def test_96_concurrent_requests_each_get_their_own_vector(serve_url, reference, embed_stats):
+    before = embed_stats()
     texts = [f"Request number {i} asks about topic {i * 7 % 13} in its own words." for i in range(96)]
     responses = asyncio.run(_concurrent(serve_url, texts))
     assert [r.status_code for r in responses] == [200] * 96
@@ -93,18 +93,18 @@ def test_96_concurrent_requests_each_get_their_own_vector(serve_url, reference, 
     assert cosine(got, want).min() >= 0.9999
     # Each vector is nearest to its own reference among all 96: no request got another's.
     assert (np.argmax(got @ want.T, axis=1) == np.arange(96)).all()
-    after = embedder_handle.batch_stats.remote().result()
+    after = embed_stats()
     assert after["jobs"] - before["jobs"] == 96
     assert after["batches"] - before["batches"] < 96, "requests were not batched"
 
 
 @pytest.mark.slow
-def test_bad_item_never_fails_its_batch_mates(serve_url, reference, embedder_handle):
+def test_bad_item_never_fails_its_batch_mates(serve_url, reference, embed_stats):
     good = [f"good sentence {i}" for i in range(24)]
     too_long = "word " * 600
     inputs = [too_long if i % 4 == 0 else good[i] for i in range(24)]
     responses = asyncio.run(_concurrent(serve_url, inputs))
-    after = embedder_handle.batch_stats.remote().result()
+    after = embed_stats()
     for i, r in enumerate(responses):
         if i % 4 == 0:
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

@@ -188,9 +188,11 @@ def test_every_metric_is_exported_by_the_node_agent(prometheus):
     from prometheus_client.parser import text_string_to_metric_families
 
     targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-    families = {
-        f.name for t in targets for f in text_string_to_metric_families(httpx.get(t["scrapeUrl"], timeout=30).text)
-    }
+    # Ray's service-discovery file also lists exporters that come and go (seen: one refusing
+    # connections on a loaded machine); the promise is about the agents Prometheus does scrape.
+    up = [t for t in targets if t["health"] == "up"]
+    assert up, targets
+    families = {f.name for t in up for f in text_string_to_metric_families(httpx.get(t["scrapeUrl"], timeout=30).text)}
     expected = {
         "ray_rayinfer_request_latency_seconds",
         "ray_rayinfer_errors_total",

@@ -82,8 +82,7 @@ def test_what_each_deployment_of_the_shipped_config_gets():
         for name, o in got.items()
     }  # fmt: skip
     assert table == {
-        "Ingress": (1, 512, 1024, 0),
-        "Embedder-all-MiniLM-L6-v2": (1, 64, 512, 1),
+        "Ingress": (1, 512, 1024, 1),  # it holds all-MiniLM-L6-v2 (placement: ingress)
         "Generator-tiny-lm": (1, 64, 256, 1),
         "Generator-tiny-lm-pipeline": (1, 64, 256, 0),
         "Stage0-tiny-lm-pipeline": (1, 8, -1, 0),
@@ -95,5 +94,5 @@ def test_what_each_deployment_of_the_shipped_config_gets():
     # The ingress sheds before Serve queues (README Reliability); a model's queue holds a full batch.
     assert _app_config()["args"]["max_inflight_requests"] < got["Ingress"]["max_ongoing_requests"]
     # Model replicas that compute on shared cores let idle OpenMP threads sleep (README Config reference).
-    for name in ("Embedder-all-MiniLM-L6-v2", "Generator-tiny-lm"):
+    for name in ("Ingress", "Generator-tiny-lm"):
         assert got[name]["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.http.errors import error_responses
+from app.http.responses import FastJSONResponse
 from app.http.routing import Registry
 from app.oip import core as oip
 from app.oip.rest.protocol import (
@@ -64,4 +65,4 @@ async def model_ready(name: str, registry: Registry) -> JSONResponse:
 async def infer(name: str, body: InferRequestBody, registry: Registry) -> JSONResponse:
     """Run a model on JSON tensors (OIP's inference request and response)."""
     resp = await oip.infer(registry, request_from_body(name, body))
-    return JSONResponse(response_body(resp))
+    return FastJSONResponse(response_body(resp))

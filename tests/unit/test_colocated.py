@@ -1,0 +1,137 @@
+"""Embedding on ONNX Runtime and inside the ingress (`placement: ingress`), without Ray: the same
+vectors as sentence-transformers, bad jobs isolated, two batches computing at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from app.config import AppConfig, ModelConfig
+from app.core.errors import InputTooLong
+from app.main import build_app
+from deployments.colocated import LocalEmbedder
+from deployments.types import EmbedJob
+from models.embedding import EmbeddingModel
+from tests.helpers import MODEL, ROOT, cosine
+
+SOURCE = f"bundled:{MODEL}"
+
+
+def varied_texts() -> list[str]:
+    """Short and long, Latin and not, prose and code: real text from this repository plus samples."""
+    prose = (ROOT / "README.md").read_text() + (ROOT / "BENCHMARKS.md").read_text()
+    code = (ROOT / "app" / "core" / "registry.py").read_text() + (ROOT / "models" / "embedding.py").read_text()
+    samples = [
+        "hi", "The cat sits outside", "A man is playing guitar.", "日本語のテキストです。東京は大きな都市です。",
+        "Привет, как дела? Сегодня хорошая погода.", "مرحبا بالعالم، هذه جملة عربية.", "😀 emoji 🚀 and ✓ marks",
+        "Ελληνικά κείμενα για δοκιμή.", "हिन्दी में एक वाक्य।", "SELECT id, name FROM users WHERE active = 1;",
+    ]  # fmt: skip
+    paragraphs = [p for p in prose.split("\n\n") if p.strip()][:160]
+    functions = [f for f in code.split("\n\n") if f.strip()][:60]
+    return samples + paragraphs + functions
+
+
+@pytest.fixture(scope="module")
+def onnx_model(bundled_path):
+    return EmbeddingModel(bundled_path, runtime="onnx", threads=1)
+
+
+def test_onnx_runtime_gives_sentence_transformers_vectors_on_varied_text(onnx_model, reference):
+    texts = varied_texts()
+    assert len(texts) >= 180
+    ids = [onnx_model.truncate(x) for x in onnx_model.tokenize(texts)]
+    got = onnx_model.embed_ids(ids)
+    want = reference(texts)  # sentence-transformers truncates at the same 256 tokens
+    assert cosine(got, want).min() >= 0.99999
+    assert np.abs(np.linalg.norm(got, axis=1) - 1).max() < 1e-5  # normalised, as the checkpoint says
+
+
+def _local(**options) -> LocalEmbedder:
+    cfg = ModelConfig(name=MODEL, task="embed", source=SOURCE, runtime="onnx", placement="ingress", num_threads=2,
+                      **options)  # fmt: skip
+    return LocalEmbedder(cfg)
+
+
+def test_a_bad_job_gets_its_own_error_and_its_batch_mates_their_vectors(reference):
+    local = _local()
+    jobs = [EmbedJob(texts=["first text"]), EmbedJob(texts=["word " * 600]), EmbedJob(texts=["third", "fourth"])]
+    first, bad, last = asyncio.run(local.embed_many(jobs))
+    assert isinstance(bad, InputTooLong) and bad.param == "input"
+    assert cosine(first.vectors, reference(["first text"])).min() >= 0.99999
+    assert cosine(last.vectors, reference(["third", "fourth"])).min() >= 0.99999
+    assert local.batches.stats["jobs"] == 3 and local.batches.stats["batches"] == 1
+
+
+def test_two_batches_compute_at_once_each_on_its_own_thread():
+    """concurrent_batches: 2 — the second batch's forward starts while the first's is still running
+    (a barrier both must reach; one at a time would time out)."""
+    local = _local(concurrent_batches=2)
+    barrier = threading.Barrier(2, timeout=30)
+    forward = local.model.embed_ids
+
+    def meeting(batch, chunk):
+        barrier.wait()  # raises BrokenBarrierError if the other forward is not running meanwhile
+        return forward(batch, chunk)
+
+    local.model.embed_ids = meeting  # type: ignore[method-assign]
+
+    async def both():
+        return await asyncio.gather(
+            local.embed_many([EmbedJob(texts=["a"])]), local.embed_many([EmbedJob(texts=["b"])])
+        )
+
+    a, b = asyncio.run(both())
+    assert a[0].vectors.shape == b[0].vectors.shape == (1, 384)
+    assert local.batches.stats["max_batches_in_flight"] == 2
+
+
+def test_one_batch_at_a_time_when_concurrent_batches_is_1():
+    local = _local(concurrent_batches=1)
+    running, most = 0, 0
+    lock = threading.Lock()
+    forward = local.model.embed_ids
+
+    def counted(batch, chunk):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return forward(batch, chunk)
+        finally:
+            with lock:
+                running -= 1
+
+    local.model.embed_ids = counted  # type: ignore[method-assign]
+
+    async def many():
+        return await asyncio.gather(*(local.embed_many([EmbedJob(texts=[f"t{i}"])]) for i in range(6)))
+
+    asyncio.run(many())
+    assert most == 1
+
+
+def test_a_model_placed_in_the_ingress_gets_no_deployment():
+    args = {"models": [{"name": MODEL, "task": "embed", "source": SOURCE, "placement": "ingress"}]}
+    app = build_app(args)
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress" and ingress.init_args[1] == {}
+
+
+@pytest.mark.parametrize(
+    "entry,field",
+    [
+        ({"task": "generate", "source": "built:tiny-lm", "runtime": "onnx"}, "runtime"),
+        ({"task": "generate", "source": "built:tiny-lm", "placement": "ingress"}, "placement"),
+        ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "placement": "ingress"}, "placement"),
+        ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "runtime": "onnx"}, "runtime"),
+        ({"task": "embed", "source": SOURCE, "runtime": "onnx", "device": "cuda"}, "runtime"),
+    ],
+)
+def test_embedding_only_options_are_refused_elsewhere_with_the_field_named(entry, field):
+    with pytest.raises(ValidationError, match=field):
+        AppConfig.model_validate({"models": [{"name": "m", **entry}]})
