@@ -85,7 +85,11 @@ class ModelConfig(BaseModel):
         "auto", description="`auto` takes CUDA when the replica was given a GPU."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="generate: weight dtype (bfloat16/float16 for GPUs)."
+        "float32",
+        description=(
+            "Weight dtype: bfloat16/float16 for GPUs (generate; embed with runtime torch, vectors pooled in "
+            "float32 and within cosine 0.999 of float32's: tests/gpu)."
+        ),
     )
     pipeline_stages: int = Field(
         1,
@@ -184,6 +188,8 @@ class ModelConfig(BaseModel):
                     raise ValueError(f"{name}: a model split into pipeline_stages takes only the default")
         if self.runtime == "onnx" and self.device == "cuda":
             raise ValueError("runtime: onnx runs on the CPU here; use runtime: torch with device cuda")
+        if self.runtime == "onnx" and self.dtype != "float32":
+            raise ValueError("runtime: onnx computes in float32; use runtime: torch for dtype bfloat16/float16")
         return self
 
 

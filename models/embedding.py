@@ -112,6 +112,7 @@ class EmbeddingModel:
         stages: list[Callable[[Hidden], Hidden | torch.Tensor]] | None = None,
         runtime: str = "torch",
         threads: int = 1,
+        dtype: str = "float32",
     ):
         self.path = Path(path)
         self.device = torch.device(device)
@@ -123,7 +124,8 @@ class EmbeddingModel:
 
             stages = [OnnxEncoder(self.path, self.spec, threads)]
         elif weights and not stages:
-            self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
+            weights_dtype = getattr(torch, dtype)  # float32, bfloat16, float16; pooling is in float32
+            self.model = AutoModel.from_pretrained(self.path, dtype=weights_dtype).to(self.device).eval()
         self.stages = stages or ([EncoderStage(self.model, self.spec, self.device, True, True)] if self.model else [])
         config = self.model.config if self.model is not None else AutoConfig.from_pretrained(self.path)
         model_limit = getattr(config, "max_position_embeddings", None) or 512

@@ -5,6 +5,18 @@ import pytest
 from tests.helpers import MODEL
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA is; elsewhere they are skipped, with the reason shown (-rs)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run on a GPU machine (pytest -m gpu tests/gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def bundled_path():
     from models.loader import resolve_source

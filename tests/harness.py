@@ -8,7 +8,6 @@ import dataclasses
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,8 +19,8 @@ import httpx
 import yaml
 
 from app.environment import SERVE_ENV
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Ports HAProxy and Serve's fallback proxy otherwise take at fixed numbers (9101, 8404, 8500, 9500),
@@ -32,12 +31,6 @@ FIXED_PORT_VARS = (
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # A test cluster shares 2 cores with others: HAProxy's default 30 s to start was seen to run out

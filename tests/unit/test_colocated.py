@@ -16,23 +16,9 @@ from app.main import build_app
 from deployments.colocated import LocalEmbedder
 from deployments.types import EmbedJob
 from models.embedding import EmbeddingModel
-from tests.helpers import MODEL, ROOT, cosine
+from tests.helpers import MODEL, cosine, varied_texts
 
 SOURCE = f"bundled:{MODEL}"
-
-
-def varied_texts() -> list[str]:
-    """Short and long, Latin and not, prose and code: real text from this repository plus samples."""
-    prose = (ROOT / "README.md").read_text() + (ROOT / "BENCHMARKS.md").read_text()
-    code = (ROOT / "app" / "core" / "registry.py").read_text() + (ROOT / "models" / "embedding.py").read_text()
-    samples = [
-        "hi", "The cat sits outside", "A man is playing guitar.", "日本語のテキストです。東京は大きな都市です。",
-        "Привет, как дела? Сегодня хорошая погода.", "مرحبا بالعالم، هذه جملة عربية.", "😀 emoji 🚀 and ✓ marks",
-        "Ελληνικά κείμενα για δοκιμή.", "हिन्दी में एक वाक्य।", "SELECT id, name FROM users WHERE active = 1;",
-    ]  # fmt: skip
-    paragraphs = [p for p in prose.split("\n\n") if p.strip()][:160]
-    functions = [f for f in code.split("\n\n") if f.strip()][:60]
-    return samples + paragraphs + functions
 
 
 @pytest.fixture(scope="module")
