@@ -12,14 +12,55 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from app.config import ModelConfig
 from models.params import SamplingParams
 
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
+
+
+class EngineConfig(Protocol):
+    """What the engine is built from: app.config.ModelConfig has these fields, read-only here (model
+    code imports no service code, so the type is spelled out)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def enforce_eager(self) -> bool: ...
+
+    @property
+    def tensor_parallel_size(self) -> int: ...
+
+    @property
+    def pipeline_stages(self) -> int: ...
+
+    @property
+    def max_input_tokens(self) -> int | None: ...
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    @property
+    def max_batch_tokens(self) -> int | None: ...
+
+    @property
+    def gpu_memory_utilization(self) -> float | None: ...
+
+    @property
+    def kv_cache_gib(self) -> float | None: ...
+
+    @property
+    def engine_kwargs(self) -> dict[str, Any]: ...
+
 
 # Engine arguments rayinfer sets from ModelConfig's own fields: engine_kwargs may not repeat them.
 OWN_ARGS = frozenset(
@@ -40,7 +81,7 @@ OWN_ARGS = frozenset(
 )
 
 
-def engine_kwargs(cfg: ModelConfig, model_dir: Path | str) -> dict[str, Any]:
+def engine_kwargs(cfg: EngineConfig, model_dir: Path | str) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for `cfg` (a plain dict: testable without building anything)."""
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
@@ -68,7 +109,7 @@ def engine_kwargs(cfg: ModelConfig, model_dir: Path | str) -> dict[str, Any]:
     return {**kwargs, **cfg.engine_kwargs}
 
 
-def engine_env(cfg: ModelConfig) -> dict[str, str]:
+def engine_env(cfg: EngineConfig) -> dict[str, str]:
     """Environment the engine's processes read at start (vLLM's CPU KV cache is sized by env, in GiB)."""
     env = {}
     if cfg.kv_cache_gib is not None:
@@ -76,7 +117,7 @@ def engine_env(cfg: ModelConfig) -> dict[str, str]:
     return env
 
 
-def build_engine(cfg: ModelConfig, model_dir: Path | str, stat_loggers: list | None = None) -> AsyncLLM:
+def build_engine(cfg: EngineConfig, model_dir: Path | str, stat_loggers: list | None = None) -> AsyncLLM:
     """Start vLLM's AsyncLLM for `cfg` (its engine core starts in a child process: ~20-30 s on 2 CPU cores)."""
     os.environ.update(engine_env(cfg))
     from vllm import AsyncEngineArgs

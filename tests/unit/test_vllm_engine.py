@@ -60,7 +60,7 @@ def test_the_gpu_profile_builds_its_deployment_options_without_a_gpu():
     replica = llama._replica_config
     bundles = replica.placement_group_bundles
     assert bundles == [{"CPU": 1.0, "GPU": 1.0}] + [{"GPU": 1.0}] * 7  # one GPU per vLLM worker
-    assert replica.placement_group_strategy == "PACK" and replica.ray_actor_options["num_gpus"] == 0
+    assert replica.placement_group_strategy == "PACK" and not replica.ray_actor_options.get("num_gpus")
     # The file's overrides are the same placement group, and the replica fits in the first bundle.
     override = next(d for d in app["deployments"] if d["name"] == llama.name)
     assert override["placement_group_bundles"] == bundles
