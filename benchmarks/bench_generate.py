@@ -71,7 +71,6 @@ def vllm_server(model: dict, log_dir: Path) -> Iterator[tuple[str, int]]:
         kwargs.pop("model"),
         "--served-model-name",
         cfg.name,
-        "--disable-log-requests",
     ]
     kwargs.pop("enable_log_requests", None)
     kwargs.pop("disable_log_stats", None)
