@@ -93,7 +93,7 @@ def vllm_server(model: dict, log_dir: Path) -> Iterator[tuple[str, int]]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(f"{url}/health", proc, log_path, timeout_s=300)
+        wait_ready(f"{url}/health", proc, log_path, timeout_s=900)  # minutes at nice 15 on a loaded machine
         yield url, proc.pid
     finally:
         stop(proc)
@@ -143,27 +143,24 @@ def run_all(duration: float, warmup: float) -> dict:
     with vllm_server(model, log_dir) as (url, pid):
         results["vllm"] = measure(url, model["name"], duration, warmup, lambda: rss_mib(root_pid=pid))
     print("rayinfer:", flush=True)
-    config = generation_only_config(model)
-    with serve_run(config, log_dir=log_dir) as url:
-        # Every process of that cluster runs from this checkout's interpreter with its session dir.
-        results["rayinfer"] = measure(url, model["name"], duration, warmup, rayinfer_rss)
+    config_path = log_dir / "serve_config.yaml"  # where serve_run writes the config it runs
+    with serve_run(generation_only_config(model), log_dir=log_dir) as url:
+        results["rayinfer"] = measure(url, model["name"], duration, warmup, lambda: rayinfer_rss(config_path))
     print("rayinfer, the whole default serve_config.yaml (idle, after start):", flush=True)
     with serve_run(serve_config_on(free_port()), log_dir=log_dir):
-        results["default_config_rss_mib"] = rayinfer_rss()
+        results["default_config_rss_mib"] = rayinfer_rss(config_path)
     return results
 
 
-def rayinfer_rss() -> float:
-    """RSS of every Ray and vLLM process started from this checkout's virtual environment (the bench's own
-    cluster: nothing else runs from it while the bench runs)."""
-    me = psutil.Process()
-    venv = str(Path(sys.executable).parent.parent)
-    total = 0
-    for p in psutil.process_iter(["cmdline", "exe"]):
+def rayinfer_rss(config_path: Path) -> float:
+    """RSS of the `serve run` of `config_path` and every process under it (Ray's GCS, raylet, workers,
+    the replicas and vLLM's engine processes): that cluster only, whatever else runs on the machine."""
+    for p in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if p.pid != me.pid and (venv in (p.info["exe"] or "") or venv in " ".join(p.info["cmdline"] or ())):
-                total += p.memory_info().rss
-    return round(total / 2**20, 1)
+            cmd = p.info["cmdline"] or []
+            if str(config_path) in cmd and any(c.endswith("serve") for c in cmd):
+                return rss_mib(root_pid=p.pid)
+    return 0.0
 
 
 def render(results: dict, command: str) -> str:
