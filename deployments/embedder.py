@@ -47,7 +47,7 @@ def load_model(cfg: ModelConfig, threads: int, device: str = "cpu", weights: boo
         weights=weights,
         runtime=cfg.runtime,
         threads=per_batch,
-        dtype=cfg.dtype,
+        dtype="float32" if cfg.dtype == "auto" else cfg.dtype,
     )
 
 

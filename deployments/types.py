@@ -40,6 +40,15 @@ class GenerateJob:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely alternatives at its position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class GenerateChunk:
     """New text for choice `index`; `finish_reason` set on its last chunk."""
 
@@ -48,6 +57,7 @@ class GenerateChunk:
     finish_reason: str | None  # "stop" | "length" | None while running
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when the request asked for them
 
 
 @dataclass(frozen=True)

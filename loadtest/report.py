@@ -47,6 +47,7 @@ def summarize(
         "latency_ms": _dist_ms([s.latency_s for s in ok]),
         "ttft_ms": _dist_ms([s.outcome.ttft_s for s in ok if s.outcome.ttft_s is not None]),
         "itl_ms": _dist_ms([x for s in ok for x in s.outcome.itl_s]),
+        "tpot_ms": _dist_ms([s.outcome.tpot_s for s in ok if s.outcome.tpot_s is not None]),
         "tokens_per_s": round(sum(s.outcome.tokens for s in ok) / duration_s, 2),
     }
 

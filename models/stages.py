@@ -1,15 +1,9 @@
-"""Load one pipeline stage of a causal LM: layers [start, end) of a checkpoint, nothing else.
+"""Pipeline-stage building blocks: read layers [start, end) of a checkpoint, nothing else, into a model
+of the checkpoint's own architecture cut to those layers (`num_hidden_layers = end - start`).
 
-A stage is the checkpoint's own architecture with `num_hidden_layers = end - start`, so the
-model's own code computes rotary positions, masks and caches exactly as in the whole model:
-- the first stage keeps the token embeddings and takes token ids;
-- later stages take hidden states (`inputs_embeds`);
-- the last stage keeps the final norm and the head and returns logits; the others return
-  hidden states, with the final norm replaced by the identity.
 Only the stage's tensors are read from the safetensors files (sharded checkpoints included), into a
 model built on the meta device: loading needs the stage's memory once, not a random copy beside it.
-Supported: architectures whose layers live in `model.layers` and whose embeddings add no
-position term (Llama, Mistral, Qwen2/3 families, tiny-lm); GPT-2 is not.
+Used by the encoder stages (models/encoder_stages.py); a causal LM is split by vLLM itself.
 """
 
 from __future__ import annotations
@@ -22,11 +16,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from models.causal_lm import DTYPES
 from models.hf_compat import mark_loaded
-from models.kv_runner import KVRunner
 
 
 def _shards(path: Path) -> dict[str, Path]:
@@ -67,17 +59,6 @@ def read_range(
     return state
 
 
-def stage_state(path: Path, start: int, end: int, first: bool, last: bool, tied: bool) -> dict[str, torch.Tensor]:
-    """The causal LM stage's tensors, renamed as the truncated model names them (`model.` prefix kept)."""
-
-    def keep(name: str) -> bool:
-        if name.startswith("model.embed_tokens."):
-            return first or (last and tied)
-        return last and name.startswith(("model.norm.", "lm_head."))
-
-    return read_range(path, "model.layers", start, end, keep)
-
-
 def stage_config(path: Path, start: int, end: int) -> tuple[PretrainedConfig, bool, bool]:
     """The checkpoint's config cut to layers [start, end), and whether the stage is the first and the last."""
     config = AutoConfig.from_pretrained(path)
@@ -88,30 +69,6 @@ def stage_config(path: Path, start: int, end: int) -> tuple[PretrainedConfig, bo
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[start:end]
     return config, start == 0, end == total
-
-
-def load_stage(
-    path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32"
-) -> tuple[torch.nn.Module, bool, bool]:
-    """The stage's model, and whether it is the first and the last stage."""
-    path = Path(path)
-    config, first, last = stage_config(path, start, end)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    model = build_on_meta(AutoModelForCausalLM if last else AutoModel, config)
-    if not hasattr(model, "model" if last else "layers"):
-        raise ValueError(f"{type(model).__name__}: pipeline stages need a Llama-like model (layers in model.layers)")
-    state = stage_state(path, start, end, first, last, tied)
-    if not last:  # the base model names its tensors without the `model.` prefix
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        model.norm = torch.nn.Identity()
-    if not first:
-        base: Any = model.model if last else model
-        if not (last and tied):
-            base.embed_tokens = None  # hidden states come in; no embedding table needed
-    missing, unexpected = materialise(model, state, tie=last and tied)
-    if missing or unexpected:
-        raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return torch.nn.Module.to(model, device=device, dtype=DTYPES[dtype]).eval(), first, last
 
 
 def build_on_meta(auto_class: Any, config: PretrainedConfig) -> PreTrainedModel:
@@ -144,8 +101,3 @@ def materialise(
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     unexpected = [k for k in result.unexpected_keys if k not in buffers]  # e.g. an old checkpoint's position_ids
     return missing or left, unexpected
-
-
-def stage_runner(path: Path, start: int, end: int, device: str = "cpu", dtype: str = "float32") -> KVRunner:
-    model, first, last = load_stage(path, start, end, device, dtype)
-    return KVRunner(model, torch.device(device), first=first, last=last)

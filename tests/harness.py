@@ -86,7 +86,8 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
         )
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
-        wait_ready(f"{url}/readyz", proc, log_path)
+        # A vLLM engine starts in ~30 s on an idle 2-core machine, several minutes on a loaded one.
+        wait_ready(f"{url}/readyz", proc, log_path, timeout_s=900)
         yield url
     finally:
         stop(proc)

@@ -7,16 +7,18 @@ from collections.abc import Callable
 
 from app.core.errors import RayInferError
 from app.core.registry import ModelRegistry
-from deployments.types import GenerateChunk, GenerateJob
+from deployments.types import GenerateChunk, GenerateJob, TokenLogprob
 
 
-def fold(chunks: list[GenerateChunk]) -> dict[int, tuple[str, str | None]]:
-    """One (new text, finish reason) per choice, in order of first appearance: the replica may
-    have coalesced several decode steps of one choice into one item."""
-    merged: dict[int, tuple[str, str | None]] = {}
+def fold(chunks: list[GenerateChunk]) -> dict[int, tuple[str, str | None, list[TokenLogprob] | None]]:
+    """One (new text, finish reason, new tokens' logprobs or None) per choice, in order of first
+    appearance: the replica may have coalesced several engine steps of one choice into one item."""
+    merged: dict[int, tuple[str, str | None, list[TokenLogprob] | None]] = {}
     for chunk in chunks:
-        text, _ = merged.get(chunk.index, ("", None))
-        merged[chunk.index] = (text + chunk.text, chunk.finish_reason)
+        text, _, logprobs = merged.get(chunk.index, ("", None, None))
+        if chunk.logprobs is not None:
+            logprobs = [*(logprobs or []), *chunk.logprobs]
+        merged[chunk.index] = (text + chunk.text, chunk.finish_reason, logprobs)
     return merged
 
 

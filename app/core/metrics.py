@@ -161,14 +161,15 @@ class ModelMetrics:
         self.phase = metrics.Histogram(
             "rayinfer_phase_seconds",
             description="Time per phase. embed: queue (arrival at the replica to its batch), tokenize, "
-            "inference (forward). generate: tokenize, first_token (arrival at the replica to first token), "
-            "step (one engine step: admissions' prefill and one decode).",
+            "inference (forward). generate: first_token (vLLM's time to first token: arrival in the engine "
+            "to the first generated token, queueing and prefill included).",
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=tag_keys("model", "phase"),
         )
         self.batch_size = metrics.Histogram(
             "rayinfer_batch_size",
-            description="Inputs per forward pass (embed: texts; generate: sequences per step).",
+            description="Inputs per forward pass (embed: texts; generate: sequences running in vLLM's engine at "
+            "a step that generated tokens).",
             boundaries=BATCH_BUCKETS,
             tag_keys=tag_keys("model"),
         )
@@ -184,8 +185,7 @@ class ModelMetrics:
         )
         self.itl = metrics.Histogram(
             "rayinfer_inter_token_latency_seconds",
-            description="Time between a running batch's consecutive decode steps: each running sequence "
-            "gets one token per step.",
+            description="Time between a sequence's consecutive tokens, as vLLM's engine measures them.",
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=tag_keys("model"),
         )

@@ -150,7 +150,7 @@ async def infer_stream(registry: ModelRegistry, req: InferRequest) -> AsyncItera
         if isinstance(item, RayInferError):
             raise item
         deltas = [""] * len(job)
-        for index, (text, reason) in fold(item).items():
+        for index, (text, reason, _) in fold(item).items():
             deltas[index] = text
             finish[index] = reason or finish[index]
         final = all(finish)

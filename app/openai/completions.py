@@ -14,15 +14,16 @@ from app.core.generation import collect, fold
 from app.core.inputs import as_list
 from app.core.registry import ModelRegistry, as_rayinfer_error
 from app.openai.protocol import ChatCompletionRequest, CompletionRequest, error_body
-from deployments.types import GenerateChunk, GenerateJob
+from deployments.types import GenerateChunk, GenerateJob, TokenLogprob
 
 
 def to_job(req: CompletionRequest | ChatCompletionRequest) -> GenerateJob:
     if isinstance(req, ChatCompletionRequest):
-        params = req.params(req.max_completion_tokens or req.max_tokens)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = req.params(req.max_completion_tokens or req.max_tokens, logprobs)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         return GenerateJob(params=params, messages=messages, n=req.n)
-    return GenerateJob(params=req.params(req.max_tokens), prompts=as_list(req.prompt), n=req.n)
+    return GenerateJob(params=req.params(req.max_tokens, req.logprobs), prompts=as_list(req.prompt), n=req.n)
 
 
 class Completion:
@@ -36,10 +37,36 @@ class Completion:
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.prompt_tokens: dict[int, int] = {}
         self.completion_tokens: dict[int, int] = {}
+        self.logprobs: dict[int, list[TokenLogprob]] = {}  # each choice's, when asked for
+        self.text_offset: dict[int, int] = {}  # completions' logprobs.text_offset: characters so far
 
     def count(self, chunk: GenerateChunk) -> None:
         self.prompt_tokens[chunk.index] = chunk.prompt_tokens
         self.completion_tokens[chunk.index] = chunk.completion_tokens
+        if chunk.logprobs is not None:
+            self.logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+
+    def format_logprobs(self, index: int, tokens: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's logprobs object for these tokens of choice `index` (chat: `content`; completions:
+        the four parallel lists). None when the request asked for none."""
+        if tokens is None:
+            return None
+        if self.chat:
+            content = [
+                {**_top(t.token, t.logprob), "top_logprobs": [_top(tok, lp) for tok, lp in t.top]} for t in tokens
+            ]
+            return {"content": content}
+        offsets, at = [], self.text_offset.get(index, 0)
+        for t in tokens:
+            offsets.append(at)
+            at += len(t.token)
+        self.text_offset[index] = at
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens],
+            "text_offset": offsets,
+        }
 
     def usage(self, n: int) -> dict:
         # Each prompt counts once, however many choices (n) sample it.
@@ -59,14 +86,15 @@ class Completion:
         }
 
     def choice(self, index: int, text: str, finish: str | None) -> dict:
+        logprobs = self.format_logprobs(index, self.logprobs.get(index))
         if self.chat:
             return {
                 "index": index,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -75,11 +103,23 @@ class Completion:
             body["usage"] = usage
         return json.dumps(body, separators=(",", ":"))
 
-    def delta(self, index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def delta(
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None,
+        role: bool = False,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict:
+        lp = self.format_logprobs(index, logprobs)
         if not self.chat:
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+
+
+def _top(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
 async def complete(registry: ModelRegistry, req: CompletionRequest | ChatCompletionRequest) -> dict:
@@ -120,7 +160,11 @@ async def sse_events(
         while True:
             for chunk in item:
                 out.count(chunk)
-            deltas = [out.delta(i, text, finish) for i, (text, finish) in fold(item).items() if text or finish]
+            deltas = [
+                out.delta(i, text, finish, logprobs=lps)
+                for i, (text, finish, lps) in fold(item).items()
+                if text or finish or lps
+            ]
             if deltas:  # text held back (a possible stop string, half a character) sends nothing yet
                 if request is not None:
                     metrics.ingress().ttft.observe(time.perf_counter() - request.start, {"model": out.model})

@@ -13,10 +13,10 @@ from app.core.errors import ErrorKind
 from app.core.inputs import INPUT_SHAPES, check_input, check_prompts
 from app.core.sampling import SamplingOptions
 
-UNSUPPORTED_NEUTRAL = (
-    "echo", "logprobs", "top_logprobs", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "tools",
-    "response_format",
-)  # accepted when absent, null, false, 0 or empty  # fmt: skip
+# Accepted when absent, null, false, 0 or empty.
+UNSUPPORTED_NEUTRAL = ("echo", "suffix", "logit_bias", "tools", "response_format")
+MAX_LOGPROBS = 5  # completions' `logprobs` (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs` (OpenAI's limit; vLLM's default max_logprobs)
 
 
 def error_body(message: str, kind: ErrorKind, param: str | None = None) -> dict:
@@ -107,12 +107,8 @@ class SamplingFields(SamplingOptions):
     user: StrictStr | None = Field(None, description="Accepted and ignored.")
     # Accepted only at their neutral value (see UNSUPPORTED_NEUTRAL).
     echo: StrictBool = False
-    logprobs: Any = None
-    top_logprobs: Any = None
     suffix: Any = None
     logit_bias: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     tools: Any = None
     response_format: Any = None
 
@@ -133,6 +129,12 @@ class CompletionRequest(SamplingFields):
         description="A string, a list of strings, a list of token ids, or a list of token-id lists."
     )
     max_tokens: StrictInt = Field(16, ge=1, le=1_000_000, description="Most tokens to generate per choice.")
+    logprobs: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Log probabilities of each sampled token and of the this-many most likely ones.",
+    )
 
     _check_prompt = field_validator("prompt", mode="before")(lambda v: check_prompts(v, "prompt"))
 
@@ -160,6 +162,16 @@ class ChatCompletionRequest(SamplingFields):
         None, ge=1, le=1_000_000, description="Most tokens to generate; default: what the context leaves."
     )
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=1_000_000, description="Alias of max_tokens.")
+    logprobs: StrictBool = Field(False, description="Return each output token's log probability.")
+    top_logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: also the this-many most likely tokens."
+    )
+
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs set to true")
+        return self
 
     @field_validator("messages")
     @classmethod
@@ -173,10 +185,17 @@ class CompletionUsage(Usage):
     completion_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -194,10 +213,24 @@ class ChatChoiceMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -1,10 +1,12 @@
-"""The pipeline across two Ray nodes on one machine (ray.cluster_utils.Cluster): each stage on its
-own node, and the same tokens as the unsplit model computed in-process."""
+"""The encoder pipeline across two Ray nodes on one machine (ray.cluster_utils.Cluster): each stage on its
+own node, and the same vectors as the unsplit model (sentence-transformers on the same checkpoint)."""
 
 from __future__ import annotations
 
 import os
 
+import httpx
+import numpy as np
 import pytest
 import ray
 from ray import serve
@@ -13,31 +15,26 @@ from ray.cluster_utils import Cluster
 from ray.serve._private import api as serve_api
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.types import GenerateJob
-from models.causal_lm import CausalLM
-from models.generation import Engine
-from models.params import SamplingParams
-from models.tiny_lm import ensure
 from tests.harness import serve_env
 from tests.helpers import free_port, serve_config_on
 
 pytestmark = pytest.mark.slow
 APP = "rayinfer"
-PROMPTS = ["Serving models online", "The replica holds the model in memory", "A"]
+PIPELINE = "all-MiniLM-L6-v2-pipeline"
+TEXTS = ["Serving models online", "The replica holds the model in memory", "A"]
 
 
-def config_on_two_nodes() -> dict:
-    """The shipped config, pipeline model only, Stage k pinned to node k by a custom resource."""
-    config = serve_config_on(free_port())
+def config_on_two_nodes() -> tuple[dict, int]:
+    """The shipped config, the encoder pipeline only, Stage k pinned to node k by a custom resource."""
+    port = free_port()
+    config = serve_config_on(port)
     app = config["applications"][0]
-    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == "tiny-lm-pipeline"]
-    app["deployments"] = [
-        d for d in app["deployments"] if d["name"].endswith("tiny-lm-pipeline") or d["name"] == "Ingress"
-    ]
+    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == PIPELINE]
+    app["deployments"] = [d for d in app["deployments"] if d["name"].endswith(PIPELINE) or d["name"] == "Ingress"]
     for d in app["deployments"]:
         if d["name"].startswith("Stage"):
             d["ray_actor_options"]["resources"] = {f"node{d['name'][5]}": 0.01}
-    return config
+    return config, port
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +51,9 @@ def cluster():
     c.shutdown()
 
 
-def test_stages_on_two_nodes_give_the_unsplit_tokens(cluster):
-    config = ServeDeploySchema.model_validate(config_on_two_nodes())
+def test_stages_on_two_nodes_give_the_unsplit_vectors(cluster, reference):
+    raw, port = config_on_two_nodes()
+    config = ServeDeploySchema.model_validate(raw)
     client = serve_api.serve_start(
         http_options=config.http_options.model_dump(),
         grpc_options=config.grpc_options.model_dump(),
@@ -69,21 +67,11 @@ def test_stages_on_two_nodes_give_the_unsplit_tokens(cluster):
     )
 
     nodes = [
-        serve.get_deployment_handle(f"Stage{k}-tiny-lm-pipeline", app_name=APP).info.remote().result()["node_id"]
+        serve.get_deployment_handle(f"Stage{k}-{PIPELINE}", app_name=APP).info.remote().result()["node_id"]
         for k in range(2)
     ]
     assert nodes[0] != nodes[1], "the two stages share a node"
-
-    generator = serve.get_deployment_handle("Generator-tiny-lm-pipeline", app_name=APP).options(stream=True)
-    lm = CausalLM(ensure())
-    for prompt in PROMPTS:
-        params = SamplingParams(max_tokens=20, temperature=0)
-        text = "".join(
-            c.text for item in generator.generate.remote(GenerateJob(params, prompts=[prompt])) for c in item
-        )
-        engine = Engine(lm)
-        engine.add("x", lm.encode(prompt), params)
-        expected = ""
-        while engine.has_work():
-            expected += "".join(o.text for o in engine.step())
-        assert text == expected, prompt
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": PIPELINE, "input": TEXTS}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])])
+    np.testing.assert_allclose(got, reference(TEXTS), atol=1e-5)

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from tests.harness import free_port, serve_config_on, serve_run
 from tests.helpers import MODEL
 
-pytestmark = pytest.mark.slow
+# A module's first test starts its cluster, a vLLM engine among it: minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 KEY = "test-key-7f3a"
 INFLIGHT = 64

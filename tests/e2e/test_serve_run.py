@@ -15,7 +15,8 @@ from app.oip.grpc import grpc_predict_v2_pb2_grpc
 from tests.harness import free_port, serve_config_on, serve_run
 from tests.helpers import MODEL, cosine
 
-pytestmark = pytest.mark.slow
+# A module's first test starts its cluster, a vLLM engine among it: minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +36,22 @@ def test_openai_client_embeddings_match_sentence_transformers(served, reference)
     result = client.embeddings.create(model=MODEL, input=texts)
     got = np.array([d.embedding for d in result.data])
     assert cosine(got, reference(texts)).min() >= 0.999
-    assert [m.id for m in client.models.list()] == [MODEL, "tiny-lm", "tiny-lm-pipeline", "all-MiniLM-L6-v2-pipeline"]
+    assert [m.id for m in client.models.list()] == [MODEL, "SmolLM2-135M-Instruct", "all-MiniLM-L6-v2-pipeline"]
 
 
 def test_openai_client_streams_a_completion(served):
     client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
-    whole = client.completions.create(model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0)
-    stream = client.completions.create(
-        model="tiny-lm", prompt="Serving models", max_tokens=12, temperature=0, stream=True
-    )
+    args = dict(model="SmolLM2-135M-Instruct", prompt="Serving models", max_tokens=12, temperature=0)
+    whole = client.completions.create(**args)
+    stream = client.completions.create(**args, stream=True)
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+
+
+def test_the_readmes_chat_example_answers_in_sense(served):
+    client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=question, temperature=0)
+    assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
 
 
 def test_grpc_client_gets_the_openai_clients_vectors(served, grpc_port):

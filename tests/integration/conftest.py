@@ -54,7 +54,8 @@ def served():
             raise RuntimeError(f"deploy failed: {status.message}")
         return status is not None and status.status == "RUNNING"
 
-    wait_for_condition(running, timeout=180, retry_interval_ms=500)
+    # vLLM's engine starts in ~30 s on an idle 2-core machine, several minutes on a loaded one.
+    wait_for_condition(running, timeout=600, retry_interval_ms=500)
     yield f"http://127.0.0.1:{port}", f"127.0.0.1:{config.grpc_options.port}"
     serve.shutdown()
     ray.shutdown()

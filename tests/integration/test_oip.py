@@ -14,7 +14,7 @@ from app.oip.grpc import grpc_predict_v2_pb2 as pb
 from app.oip.tensors import Tensor, to_raw
 from tests.helpers import MODEL
 
-LM = "tiny-lm"
+LM = "SmolLM2-135M-Instruct"
 APP = "rayinfer"
 TEXTS = ["The cat sits outside", "A man is playing guitar", "naïve café ☕"]
 PROMPTS = ["Serving models online is", "Ray Serve"]
@@ -185,7 +185,8 @@ BAD = [
     pytest.param(MODEL, _bad(MODEL, data=["a", ""]), "text", id="empty-text"),
     pytest.param(LM, {**_bad(LM), "parameters": {"temperature": 5}}, "temperature", id="bad-parameter"),
     pytest.param(LM, {**_bad(LM), "parameters": {"logprobs": 1}}, "logprobs", id="unknown-parameter"),
-    pytest.param(LM, {**_bad(LM), "parameters": {"max_tokens": 600}}, "512", id="context-overflow"),
+    pytest.param(LM, {**_bad(LM), "parameters": {"min_tokens": 9, "max_tokens": 3}}, "min_tokens", id="min-over-max"),
+    pytest.param(LM, {**_bad(LM), "parameters": {"max_tokens": 2048}}, "2048", id="context-overflow"),
     pytest.param(LM, {**_bad(LM), "outputs": [{"name": "logits"}]}, "logits", id="unknown-output"),
 ]
 
@@ -244,15 +245,12 @@ def test_model_repository_extension_is_unimplemented(grpc_stub):
 
 
 def test_grpc_deadline_cancels_the_generation(http, grpc_stub, generator):
-    params = {"max_tokens": 480, "temperature": 0.7, "seed": 5}
-    # Run to the end, this request generates all 480 tokens (no early end of sequence).
-    full = http.post("/v1/completions", json={"model": LM, "prompt": "Serving models online is", **params})
-    assert full.json()["usage"]["completion_tokens"] == 480
+    params = {"max_tokens": 480, "temperature": 0.7, "seed": 5, "ignore_eos": True}  # 480 tokens if let run
     before = generator.stats.remote().result()["tokens"]
     with pytest.raises(grpc.RpcError) as e:
         grpc_stub.ModelInfer(grpc_request(LM, ["Serving models online is"], **params), timeout=0.3)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The server honoured the deadline: the sequence left the batch, its tokens stopped.
-    wait_for_condition(lambda: generator.stats.remote().result()["running"] == 0, timeout=10, retry_interval_ms=50)
+    # The server honoured the deadline: the request was aborted in the engine, its tokens stopped.
+    wait_for_condition(lambda: generator.stats.remote().result()["unfinished"] == 0, timeout=10, retry_interval_ms=50)
     generated = generator.stats.remote().result()["tokens"] - before
     assert generated < 480, f"{generated} tokens generated after the client's deadline"

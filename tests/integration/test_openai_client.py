@@ -25,7 +25,7 @@ def test_embeddings_match_sentence_transformers(client, reference):
 def test_float_format_and_models(client):
     result = client.embeddings.create(model=MODEL, input="hello", encoding_format="float")
     assert len(result.data[0].embedding) == 384
-    assert [m.id for m in client.models.list()] == [MODEL, "tiny-lm", "tiny-lm-pipeline", "all-MiniLM-L6-v2-pipeline"]
+    assert [m.id for m in client.models.list()] == [MODEL, "SmolLM2-135M-Instruct", "all-MiniLM-L6-v2-pipeline"]
 
 
 def test_errors_surface_as_openai_exceptions(client):

@@ -29,7 +29,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (.ci/run installs it)"),
 ]
-LM = "tiny-lm"
+LM = "SmolLM2-135M-Instruct"
 GPU_ONLY = ("ray_node_gpus_utilization", "ray_node_gram_used")
 # What Grafana substitutes; "All" for a multi-value variable is the regex .*
 VARIABLES = {"$__rate_interval": "1m", "$application": ".*", "$deployment": ".*", "$model": ".*"}

@@ -111,8 +111,8 @@ def test_a_model_placed_in_the_ingress_gets_no_deployment():
 @pytest.mark.parametrize(
     "entry,field",
     [
-        ({"task": "generate", "source": "built:tiny-lm", "runtime": "onnx"}, "runtime"),
-        ({"task": "generate", "source": "built:tiny-lm", "placement": "ingress"}, "placement"),
+        ({"task": "generate", "source": "built:smollm2-135m-instruct", "runtime": "onnx"}, "runtime"),
+        ({"task": "generate", "source": "built:smollm2-135m-instruct", "placement": "ingress"}, "placement"),
         ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "placement": "ingress"}, "placement"),
         ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "runtime": "onnx"}, "runtime"),
         ({"task": "embed", "source": SOURCE, "runtime": "onnx", "device": "cuda"}, "runtime"),

@@ -16,8 +16,12 @@ from tests.helpers import MODEL, SERVE_CONFIG
 def test_default_config_serves_the_bundled_and_the_built_model():
     embed, generate = AppConfig().models
     assert (embed.name, embed.task, embed.source) == (MODEL, "embed", f"bundled:{MODEL}")
-    assert (generate.name, generate.task, generate.source) == ("tiny-lm", "generate", "built:tiny-lm")
-    assert (embed.deployment_name, generate.deployment_name) == (f"Embedder-{MODEL}", "Generator-tiny-lm")
+    assert (generate.name, generate.task, generate.source) == (
+        "SmolLM2-135M-Instruct",
+        "generate",
+        "built:smollm2-135m-instruct",
+    )
+    assert (embed.deployment_name, generate.deployment_name) == (f"Embedder-{MODEL}", "Generator-SmolLM2-135M-Instruct")
 
 
 @pytest.mark.parametrize(
@@ -69,7 +73,7 @@ def test_serve_config_validates_against_ray_schema_and_ours(path):
     graph_names = (
         {"Ingress"}
         | {m.deployment_name for m in config.models}
-        | {m.stage_name(k) for m in config.models for k in range(m.pipeline_stages)}
+        | {m.stage_name(k) for m in config.models if m.task == "embed" for k in range(m.pipeline_stages)}
     )
     assert {d.name for d in app.deployments} <= graph_names
     for d in app.deployments:
@@ -85,16 +89,14 @@ def test_build_app_binds_ingress_over_one_deployment_per_model():
     assert app._bound_deployment.name == "Ingress"
 
 
-def test_both_tasks_split_into_stages_and_microbatches_default_to_the_stage_count():
+def test_an_encoder_splits_into_stages_and_microbatches_default_to_the_stage_count():
     embed = ModelConfig(name="e", task="embed", source=f"bundled:{MODEL}", pipeline_stages=3)
-    generate = ModelConfig(
-        name="g", task="generate", source="built:tiny-lm", pipeline_stages=2, pipeline_microbatches=1
+    two = ModelConfig(name="g", task="embed", source="x", pipeline_stages=2, pipeline_microbatches=1)
+    assert (embed.microbatches, two.microbatches, ModelConfig(name="w", task="embed", source="x").microbatches) == (
+        3,
+        1,
+        1,
     )
-    assert (
-        embed.microbatches,
-        generate.microbatches,
-        ModelConfig(name="w", task="embed", source="x").microbatches,
-    ) == (3, 1, 1)
     app = build_app({"models": [embed.model_dump()]})
     embedder = app._bound_deployment.init_args[1]["e"]
     stages = embedder._bound_deployment.init_args[1]
@@ -118,7 +120,7 @@ def test_a_split_the_model_cannot_take_is_refused_naming_the_field(extra, words)
 def test_resolve_bundled_built_and_local(tmp_path):
     bundled = resolve_source(f"bundled:{MODEL}")
     assert (bundled / "model.safetensors").exists()
-    assert (resolve_source("built:tiny-lm") / "model.safetensors").exists()
+    assert (resolve_source("built:smollm2-135m-instruct") / "model.safetensors").exists()
     assert resolve_source(str(tmp_path)) == tmp_path.resolve()
 
 

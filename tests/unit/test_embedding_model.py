@@ -104,7 +104,7 @@ def test_a_stage_passes_the_mask_on_with_its_hidden_states(bundled_path):
 
 def test_encoder_stage_ranges_and_architectures_are_checked(bundled_path):
     from models.encoder_stages import load_encoder_stage
-    from models.tiny_lm import ensure
+    from models.smollm2 import ensure
 
     with pytest.raises(ValueError, match="not within the model's 6 layers"):
         load_encoder_stage(bundled_path, 3, 7)

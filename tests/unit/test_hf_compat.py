@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertModel
 
-from models.hf_compat import cache_from_layers, mark_loaded
+from models.hf_compat import mark_loaded
 
 
 def test_initialize_weights_leaves_marked_tensors_alone_and_fills_the_others():
@@ -26,11 +26,3 @@ def test_initialize_weights_leaves_marked_tensors_alone_and_fills_the_others():
     model.initialize_weights()
     assert torch.all(model.embeddings.word_embeddings.weight == 7.0), "a marked (checkpoint) tensor was re-initialised"
     assert not torch.all(filled == 7.0), "an unmarked tensor was not initialised"
-
-
-def test_a_cache_built_from_layers_holds_exactly_those_keys_and_values():
-    layers = [(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)) for _ in range(3)]
-    cache = cache_from_layers(layers)
-    assert len(cache.layers) == 3 and cache.get_seq_length() == 5
-    for (keys, values), layer in zip(layers, cache.layers):
-        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)

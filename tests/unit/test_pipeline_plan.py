@@ -14,14 +14,14 @@ from tests.helpers import MODEL, ROOT
 LLAMA_70B = ROOT / "models" / "configs" / "llama-3-70b.json"
 
 
-def test_tiny_lm_in_two_stages_covers_every_layer_once():
-    config = load_config("built:tiny-lm")
+def test_smollm2_in_two_stages_covers_every_layer_once():
+    config = load_config("built:smollm2-135m-instruct")
     p = plan(config, 2, "float32")
-    assert [s.layers for s in p.stages] == [(0, 2), (2, 4)]
+    assert [s.layers for s in p.stages] == [(0, 15), (15, 30)]
     assert sum(s.param_bytes for s in p.stages) == p.total_param_bytes
     first, _per_layer, last = layer_bytes(config, "float32")
-    # tiny-lm ties its head to the embeddings: both end stages carry a copy.
-    assert first == last - 64 * 4  # the last stage also holds the final norm (hidden size 64)
+    # SmolLM2 ties its head to the embeddings: both end stages carry a copy.
+    assert first == last - 576 * 4  # the last stage also holds the final norm (hidden size 576)
 
 
 def test_the_encoder_splits_too():
@@ -66,13 +66,13 @@ def test_boundaries_minimise_the_largest_stage():
 
 
 def test_explicit_and_bad_boundaries():
-    config = load_config("built:tiny-lm")
-    assert [s.layers for s in plan(config, 2, "float32", [1]).stages] == [(0, 1), (1, 4)]
-    for bad in ([0], [4], [2, 1]):
+    config = load_config("built:smollm2-135m-instruct")
+    assert [s.layers for s in plan(config, 2, "float32", [1]).stages] == [(0, 1), (1, 30)]
+    for bad in ([0], [30], [2, 1]):
         with pytest.raises(ValueError, match="boundaries"):
             plan(config, 2 if len(bad) == 1 else 3, "float32", bad)
     with pytest.raises(ValueError, match="stages must be between"):
-        plan(config, 5, "float32")
+        plan(config, 31, "float32")
 
 
 def test_cli_says_how_many_gpus(capsys):
