@@ -1,0 +1,83 @@
+"""What `make serve` takes from a clean start: seconds until /readyz says ready, and the memory of
+every process of the run (the `serve run` process and all it started: Ray's GCS, raylet, dashboard,
+workers, replicas, HAProxy), measured once ready.
+
+    python -m benchmarks.startup                 # serve_config.yaml, and with the pipeline demos; 3 runs each
+
+Each run is a new Ray cluster (`serve run`, as `make serve` does, on free ports). Memory is given as
+the sum of every process's RSS (what `ps` shows; pages shared between processes count once per
+process) and as the sum of PSS (shared pages divided among their processes: what the run takes).
+Not a test; README "Quick start" quotes it. Writes artifacts/bench/startup.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.harness import ROOT, free_port, serve_config_on, serve_run_process, with_pipelines
+
+CONFIGS = {
+    "serve_config.yaml (default)": lambda: serve_config_on(free_port()),
+    "serve_config.yaml + serve_config.pipeline.yaml": lambda: with_pipelines(serve_config_on(free_port())),
+}
+
+
+def memory(pid: int) -> tuple[int, float, float]:
+    """(processes, RSS GiB summed, PSS GiB summed) of `pid` and all its descendants."""
+    root = psutil.Process(pid)
+    rss = pss = 0
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:
+            continue
+        rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+    return len(procs), rss / 2**30, pss / 2**30
+
+
+def one_run(make_config, log_dir: Path) -> dict:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with serve_run_process(make_config(), log_dir=log_dir) as (_, proc):
+        ready_s = time.monotonic() - start  # serve_run_process returns once /readyz answered 200
+        n, rss, pss = memory(proc.pid)
+    return {"ready_s": ready_s, "processes": n, "rss_gib": rss, "pss_gib": pss}
+
+
+def row(label: str, run: str, r: dict) -> str:
+    return f"| {label} | {run} | {r['ready_s']:.1f} | {r['processes']:.0f} | {r['rss_gib']:.2f} | {r['pss_gib']:.2f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    out = ROOT / "artifacts" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"load average before: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        "",
+        "| config | run | ready s | processes | RSS GiB (sum) | PSS GiB (sum) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, make_config in CONFIGS.items():
+        runs = []
+        for i in range(args.runs):
+            runs.append(one_run(make_config, out / f"startup-{len(lines)}"))
+            lines.append(row(label, str(i + 1), runs[-1]))
+            print(lines[-1], flush=True)
+        lines.append(row(label, "median", {k: statistics.median(r[k] for r in runs) for k in runs[0]}))
+    lines.append(f"\nload average after: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    (out / "startup.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
