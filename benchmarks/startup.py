@@ -1,6 +1,7 @@
 """What `make serve` takes from a clean start: seconds until /readyz says ready, and the memory of
 every process of the run (the `serve run` process and all it started: Ray's GCS, raylet, dashboard,
-workers, replicas, HAProxy), measured once ready.
+workers, replicas, HAProxy), and the CPU seconds they used, measured once ready. On a busy machine
+the seconds to ready grow with the load; the CPU seconds do not.
 
     python -m benchmarks.startup                 # serve_config.yaml, and with the pipeline demos; 3 runs each
 
@@ -28,18 +29,20 @@ CONFIGS = {
 }
 
 
-def memory(pid: int) -> tuple[int, float, float]:
-    """(processes, RSS GiB summed, PSS GiB summed) of `pid` and all its descendants."""
+def usage(pid: int) -> tuple[int, float, float, float]:
+    """(processes, RSS GiB summed, PSS GiB summed, CPU seconds summed) of `pid` and all its descendants.
+    CPU seconds: what starting took in work, whatever else the machine was running meanwhile."""
     root = psutil.Process(pid)
-    rss = pss = 0
+    rss = pss = cpu = 0.0
     procs = [root, *root.children(recursive=True)]
     for p in procs:
         try:
-            info = p.memory_full_info()
+            info, times = p.memory_full_info(), p.cpu_times()
         except psutil.Error:
             continue
         rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-    return len(procs), rss / 2**30, pss / 2**30
+        cpu += times.user + times.system + times.children_user + times.children_system
+    return len(procs), rss / 2**30, pss / 2**30, cpu
 
 
 def one_run(make_config, log_dir: Path) -> dict:
@@ -47,12 +50,13 @@ def one_run(make_config, log_dir: Path) -> dict:
     start = time.monotonic()
     with serve_run_process(make_config(), log_dir=log_dir) as (_, proc):
         ready_s = time.monotonic() - start  # serve_run_process returns once /readyz answered 200
-        n, rss, pss = memory(proc.pid)
-    return {"ready_s": ready_s, "processes": n, "rss_gib": rss, "pss_gib": pss}
+        n, rss, pss, cpu = usage(proc.pid)
+    return {"ready_s": ready_s, "cpu_s": cpu, "processes": n, "rss_gib": rss, "pss_gib": pss}
 
 
 def row(label: str, run: str, r: dict) -> str:
-    return f"| {label} | {run} | {r['ready_s']:.1f} | {r['processes']:.0f} | {r['rss_gib']:.2f} | {r['pss_gib']:.2f} |"
+    cells = f"{r['ready_s']:.1f} | {r['cpu_s']:.0f} | {r['processes']:.0f} | {r['rss_gib']:.2f} | {r['pss_gib']:.2f}"
+    return f"| {label} | {run} | {cells} |"
 
 
 def main() -> None:
@@ -64,8 +68,8 @@ def main() -> None:
     lines = [
         f"load average before: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}",
         "",
-        "| config | run | ready s | processes | RSS GiB (sum) | PSS GiB (sum) |",
-        "|---|---|---|---|---|---|",
+        "| config | run | ready s | CPU s | processes | RSS GiB (sum) | PSS GiB (sum) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, make_config in CONFIGS.items():
         runs = []
