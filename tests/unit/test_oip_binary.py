@@ -218,3 +218,23 @@ def test_the_body_limit_counts_the_binary_data(streamed):
     resp = post(chunks() if streamed else body, headers, max_bytes=len(body) - 1)
     assert resp.status_code == 413 and "max_request_bytes" in resp.json()["error"]
     assert post(chunks() if streamed else body, headers, max_bytes=len(body)).status_code == 200
+
+
+def test_the_route_template_reaches_the_metrics_middleware():
+    """The framing hands the route the same ASGI scope, so the metrics label the route, not `unmatched`."""
+    from app.oip.rest.binary import BinaryTensorMiddleware
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        scope["route"] = "matched"  # what Starlette's router does, in place
+        seen["body"] = (await receive())["body"]
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"inputs": []}\x00\x01', "more_body": False}
+
+    headers = [(b"inference-header-content-length", b"14")]
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": headers}
+    asyncio.run(BinaryTensorMiddleware(app, bodies=None)(scope, receive, None))  # type: ignore[arg-type]
+    assert scope["route"] == "matched" and seen["body"] == b'{"inputs": []}'
+    assert scope["rayinfer.binary_tensor_data"] == b"\x00\x01"

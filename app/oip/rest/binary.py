@@ -55,6 +55,9 @@ class BinaryTensorMiddleware:
             return await self.bodies.response(exc, path)(scope, receive, send)
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(json_part)).encode())]
+        # In place, not a copy: the routing writes the matched route into this scope, where the metrics
+        # middleware outside reads it.
+        scope["headers"], scope[SCOPE_KEY] = headers, binary
         sent = False
 
         async def json_only() -> dict:
@@ -64,7 +67,7 @@ class BinaryTensorMiddleware:
             sent = True
             return {"type": "http.request", "body": json_part, "more_body": False}
 
-        await self.app({**scope, "headers": headers, SCOPE_KEY: binary}, json_only, send)
+        await self.app(scope, json_only, send)
 
 
 async def _read(receive: Callable) -> bytes:

@@ -9,7 +9,6 @@ from app.http.errors import error_responses
 from app.http.routing import Registry
 from app.oip import core as oip
 from app.oip.rest import binary
-from app.oip.rest.binary import output_flags
 from app.oip.rest.protocol import (
     InferRequestBody,
     InferResponseBody,
@@ -67,6 +66,6 @@ async def model_ready(name: str, registry: Registry) -> JSONResponse:
 async def infer(name: str, body: InferRequestBody, request: Request, registry: Registry) -> Response:
     """Run a model on JSON tensors (OIP's inference request and response); inputs and outputs may be
     raw bytes after the JSON, as Triton's binary tensor data extension sends them (app/oip/rest/binary.py)."""
-    binary_outputs = output_flags(body.parameters or {}, body.outputs)
+    binary_outputs = binary.output_flags(body.parameters or {}, body.outputs)
     resp = await oip.infer(registry, request_from_body(name, body, request.scope.get(binary.SCOPE_KEY)))
     return binary.respond(response_body(resp), resp, *binary_outputs)
