@@ -75,9 +75,10 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
 
 @contextlib.contextmanager
 def serve_run_process(
-    config: dict, env: dict[str, str] | None = None, log_dir: Path | None = None
+    config: dict, env: dict[str, str] | None = None, log_dir: Path | None = None, ready_timeout_s: float = 900
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`serve_run`, yielding the URL and the `serve run` process."""
+    """`serve_run`, yielding the URL and the `serve run` process. A vLLM engine starts in ~30 s on an
+    idle 2-core machine, several minutes on a loaded one: hence the readiness timeout's default."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rayinfer-"))
     config_path = log_dir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -95,15 +96,25 @@ def serve_run_process(
         )
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
-        # A vLLM engine starts in ~30 s on an idle 2-core machine, several minutes on a loaded one.
-        wait_ready(f"{url}/readyz", proc, log_path, timeout_s=900)
+        wait_ready(f"{url}/readyz", proc, log_path, ready_timeout_s)
         yield url, proc
     finally:
         stop(proc)
-        # Whatever of that cluster outlived `serve run` (its process group), and nothing else:
-        # `ray stop` would kill every Ray cluster on the machine.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # Whatever of that cluster outlived `serve run`, and nothing else: `ray stop` would kill
+        # every Ray cluster on the machine.
+        kill_session(proc.pid)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL to every process left in the session a `start_new_session` child began: its process
+    group, and what moved to groups of its own (Serve's HAProxy: left running after a SIGKILL of the
+    group, it kept its ports and memory)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getsid(pid) == sid:
+                os.kill(pid, signal.SIGKILL)
 
 
 def dashboard_of(proc: subprocess.Popen) -> str:
@@ -181,8 +192,7 @@ def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
         yield head
     finally:
         stop(proc)  # `ray start --block` takes its processes down with it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
 
 
 def serve_deploy(config: dict, head: RayHead, path: Path) -> None:
