@@ -18,7 +18,7 @@ from tests.harness import ROOT
 from tests.helpers import MODEL
 from tests.integration.triton_calls import GREEDY, PROMPTS, TEXTS
 
-LM = "tiny-lm"
+LM = "SmolLM2-135M-Instruct"
 SIGNATURES = {
     MODEL: ([("text", "BYTES", [-1])], [("embedding", "FP32", [-1, 384])]),
     LM: ([("text_input", "BYTES", [-1])], [("text_output", "BYTES", [-1]), ("finish_reason", "BYTES", [-1])]),
