@@ -1,10 +1,11 @@
-# Every target goes through `setup`, so a fresh clone needs only `make serve` or `make test`.
+# Every target goes through `setup` (but `status`, for the cluster `make serve` runs), so a fresh clone
+# needs only `make serve` or `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test test-unit lint bench clean protos
+.PHONY: setup serve status test test-unit lint bench clean protos kuberay
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -29,7 +30,16 @@ $(STAMP): pyproject.toml
 # Foreground, HTTP on 127.0.0.1:8000 and gRPC on :9000 (see serve_config.yaml). Ctrl-C stops it.
 # The serving environment (HAProxy, latency buckets) comes from app/environment.py.
 serve: setup
+	@echo "rayinfer: ready when curl -s localhost:8000/readyz says so; deployments and replicas: make status"
 	env $$($(PY) -m app.environment) $(VENV)/bin/serve run serve_config.yaml
+
+# `serve status` of the cluster `make serve` runs, from another shell. Ray 2.60's local clusters have
+# token authentication on: the CLI sends the token `serve run` keeps in ~/.ray/auth_token only when
+# RAY_AUTH_MODE=token. The dashboard is on 8265 unless another Ray cluster had it (then `serve run`
+# took the next free port and its log says which): make status DASHBOARD=http://127.0.0.1:8266
+DASHBOARD ?= http://127.0.0.1:8265
+status:
+	RAY_AUTH_MODE=token $(VENV)/bin/serve status --address $(DASHBOARD)
 
 # Gates first (seconds): lint, format, and the type check of app/, deployments/, models/.
 lint: setup
@@ -48,6 +58,10 @@ test-unit: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Regenerates the committed KubeRay manifests (deploy/kuberay/*.yaml) after an edit of serve_config*.yaml.
+kuberay: $(STAMP)
+	$(PY) -m deploy.kuberay
 
 # Regenerates the committed gRPC stubs (app/oip/grpc/*_pb2*.py) after an edit of the .proto;
 # nothing is generated at run time. Run from the repository root so they import as app.oip.grpc.

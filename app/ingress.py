@@ -22,6 +22,7 @@ from app.http.errors import ErrorBodies, install_error_handlers
 from app.http.middleware import AuthMiddleware, BodyLimitMiddleware, InflightLimitMiddleware, MetricsMiddleware
 from app.oip.grpc.servicer import GRPCInferenceServicer
 from app.oip.rest import routes as oip_routes
+from app.oip.rest.binary import BinaryTensorMiddleware
 from app.openai import routes as openai_routes
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ def make_api(
     )
     for router in (openai_routes.router, oip_routes.router, health.router):
         api.include_router(router)
-    # Added innermost first: metrics → API key → in-flight bound → body limit → route.
+    # Added innermost first: metrics → API key → in-flight bound → body limit → binary tensors → route.
+    api.add_middleware(BinaryTensorMiddleware, bodies=bodies)
     api.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes, bodies=bodies)
     api.add_middleware(InflightLimitMiddleware, gate=inflight, bodies=bodies)
     api.add_middleware(AuthMiddleware, keys=api_keys, bodies=bodies)

@@ -15,7 +15,7 @@ from loadtest.scenarios import make_scenario
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--scenario", choices=["embeddings", "completions"], default="embeddings")
+    p.add_argument("--scenario", choices=["embeddings", "oip-embeddings", "completions"], default="embeddings")
     p.add_argument("--model", help="model id (default: the scenario's default model)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")

@@ -64,6 +64,18 @@ class Embeddings:
         return Outcome(status=str(r.status_code))
 
 
+class OipEmbeddings(Embeddings):
+    """The same texts as JSON tensors on the Open Inference Protocol's `/v2/models/{name}/infer`."""
+
+    name = "oip-embeddings"
+
+    async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
+        texts = [sentence(i * self.n + k) for k in range(self.n)]
+        body = {"inputs": [{"name": "text", "shape": [self.n], "datatype": "BYTES", "data": texts}]}
+        r = await client.post(f"/v2/models/{self.model}/infer", json=body)
+        return Outcome(status=str(r.status_code))
+
+
 class Completions:
     """Streamed OpenAI completions: measures time to first token and inter-token latency."""
 
@@ -122,6 +134,8 @@ class Completions:
 def make_scenario(name: str, model: str | None, texts_per_request: int, max_tokens: int):
     if name == "embeddings":
         return Embeddings(model or "all-MiniLM-L6-v2", texts_per_request)
+    if name == "oip-embeddings":
+        return OipEmbeddings(model or "all-MiniLM-L6-v2", texts_per_request)
     if name == "completions":
         return Completions(model or "SmolLM2-135M-Instruct", max_tokens)
     raise ValueError(f"unknown scenario {name!r}")

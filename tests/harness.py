@@ -69,6 +69,16 @@ def stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | None = None) -> Iterator[str]:
     """`serve run` of `config` (a serve_config.yaml as a dict) on its own new Ray cluster; yields the URL."""
+    with serve_run_process(config, env, log_dir) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serve_run_process(
+    config: dict, env: dict[str, str] | None = None, log_dir: Path | None = None, ready_timeout_s: float = 900
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`serve_run`, yielding the URL and the `serve run` process. A vLLM engine starts in ~30 s on an
+    idle 2-core machine, several minutes on a loaded one: hence the readiness timeout's default."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="rayinfer-"))
     config_path = log_dir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -86,15 +96,47 @@ def serve_run(config: dict, env: dict[str, str] | None = None, log_dir: Path | N
         )
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
-        # A vLLM engine starts in ~30 s on an idle 2-core machine, several minutes on a loaded one.
-        wait_ready(f"{url}/readyz", proc, log_path, timeout_s=900)
-        yield url
+        wait_ready(f"{url}/readyz", proc, log_path, ready_timeout_s)
+        yield url, proc
     finally:
         stop(proc)
-        # Whatever of that cluster outlived `serve run` (its process group), and nothing else:
-        # `ray stop` would kill every Ray cluster on the machine.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # Whatever of that cluster outlived `serve run`, and nothing else: `ray stop` would kill
+        # every Ray cluster on the machine.
+        kill_session(proc.pid)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL to every process left in the session a `start_new_session` child began: its process
+    group, and what moved to groups of its own (Serve's HAProxy: left running after a SIGKILL of the
+    group, it kept its ports and memory)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getsid(pid) == sid:
+                os.kill(pid, signal.SIGKILL)
+
+
+def dashboard_of(proc: subprocess.Popen) -> str:
+    """The URL of the Ray dashboard that `proc` (`serve run`) started: 8265 unless another cluster
+    on the machine had it. Found by the process, never by port number or log text."""
+    import psutil  # Ray's own dependency
+
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if not any("dashboard/dashboard.py" in part for part in child.cmdline()):
+                continue
+            ports = sorted({c.laddr.port for c in child.net_connections("tcp") if c.status == psutil.CONN_LISTEN})
+            for port in ports:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    auth = {"Authorization": f"Bearer {token}"}
+                    if (
+                        "ray_version"
+                        in httpx.get(f"http://127.0.0.1:{port}/api/version", headers=auth, timeout=5).json()
+                    ):
+                        return f"http://127.0.0.1:{port}"
+    raise RuntimeError(f"no Ray dashboard among the processes of {proc.args}")
 
 
 @dataclasses.dataclass
@@ -150,8 +192,7 @@ def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
         yield head
     finally:
         stop(proc)  # `ray start --block` takes its processes down with it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
 
 
 def serve_deploy(config: dict, head: RayHead, path: Path) -> None:
@@ -172,4 +213,14 @@ def serve_config_on(port: int, grpc_port: int | None = None) -> dict:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     config["grpc_options"]["port"] = grpc_port or free_port()
+    return config
+
+
+def with_pipelines(config: dict) -> dict:
+    """`config` (a serve_config.yaml as a dict) with serve_config.pipeline.yaml's models and their
+    deployments added to its application, behind its one ingress: how the integration tests serve both."""
+    pipeline = yaml.safe_load((ROOT / "serve_config.pipeline.yaml").read_text())["applications"][0]
+    app = config["applications"][0]
+    app["args"]["models"] += pipeline["args"]["models"]
+    app["deployments"] += [d for d in pipeline["deployments"] if d["name"] != "Ingress"]
     return config

@@ -1,5 +1,6 @@
 """ASGI middleware in front of every HTTP route, outermost first: metrics (times everything,
-413s and 401s included) → API key → in-flight bound → body limit → route.
+413s and 401s included) → API key → in-flight bound → body limit → (binary tensor framing of OIP's
+infer route, app/oip/rest/binary.py) → route.
 
 The guards answer from the one error table through `ErrorBodies`, so a 401 or 503 under /v2 has
 the Open Inference Protocol's body and under /v1 OpenAI's. Health endpoints and the OpenAPI

@@ -32,7 +32,9 @@ from app.oip.tensors import Tensor, texts_of
 from deployments.types import GenerateJob
 
 SERVER_NAME = "rayinfer"
-EXTENSIONS = ("parameters",)  # request parameters carry the sampling settings
+# `parameters`: request parameters carry the sampling settings; `binary_tensor_data`: Triton's raw
+# tensor bytes after the JSON of an HTTP request or response (app/oip/rest/binary.py).
+EXTENSIONS = ("parameters", "binary_tensor_data")
 PLATFORM = "pytorch"
 VERSION = "1"  # one copy of each model: a request names it with "" or "1"
 INPUT = {"embed": "text", "generate": "text_input"}

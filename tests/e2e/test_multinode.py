@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster
 from ray.serve._private import api as serve_api
 from ray.serve.schema import ServeDeploySchema
 
-from tests.harness import serve_env
+from tests.harness import serve_env, with_pipelines
 from tests.helpers import free_port, serve_config_on
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,9 @@ TEXTS = ["Serving models online", "The replica holds the model in memory", "A"]
 
 
 def config_on_two_nodes() -> tuple[dict, int]:
-    """The shipped config, the encoder pipeline only, Stage k pinned to node k by a custom resource."""
+    """The shipped configs, the encoder pipeline only, Stage k pinned to node k by a custom resource."""
     port = free_port()
-    config = serve_config_on(port)
+    config = with_pipelines(serve_config_on(port))
     app = config["applications"][0]
     app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == PIPELINE]
     app["deployments"] = [d for d in app["deployments"] if d["name"].endswith(PIPELINE) or d["name"] == "Ingress"]

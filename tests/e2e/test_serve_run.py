@@ -5,14 +5,17 @@ Runs in its own pytest process (see Makefile) because `serve run` starts its own
 
 from __future__ import annotations
 
+import subprocess
+
 import grpc
 import numpy as np
 import openai
 import pytest
+import yaml
 
 from app.oip.grpc import grpc_predict_v2_pb2 as pb
 from app.oip.grpc import grpc_predict_v2_pb2_grpc
-from tests.harness import free_port, serve_config_on, serve_run
+from tests.harness import ROOT, dashboard_of, free_port, serve_config_on, serve_run_process
 from tests.helpers import MODEL, cosine
 
 # A module's first test starts its cluster, a vLLM engine among it: minutes on a loaded 2-core machine.
@@ -25,9 +28,15 @@ def grpc_port():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, grpc_port):
-    with serve_run(serve_config_on(free_port(), grpc_port), log_dir=tmp_path_factory.mktemp("serve")) as url:
-        yield url
+def serve_run_proc(tmp_path_factory, grpc_port):
+    config = serve_config_on(free_port(), grpc_port)
+    with serve_run_process(config, log_dir=tmp_path_factory.mktemp("serve")) as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def served(serve_run_proc):
+    return serve_run_proc[0]
 
 
 def test_openai_client_embeddings_match_sentence_transformers(served, reference):
@@ -36,7 +45,7 @@ def test_openai_client_embeddings_match_sentence_transformers(served, reference)
     result = client.embeddings.create(model=MODEL, input=texts)
     got = np.array([d.embedding for d in result.data])
     assert cosine(got, reference(texts)).min() >= 0.999
-    assert [m.id for m in client.models.list()] == [MODEL, "SmolLM2-135M-Instruct", "all-MiniLM-L6-v2-pipeline"]
+    assert [m.id for m in client.models.list()] == [MODEL, "SmolLM2-135M-Instruct"]  # the lean default
 
 
 def test_openai_client_streams_a_completion(served):
@@ -68,3 +77,19 @@ def test_grpc_client_gets_the_openai_clients_vectors(served, grpc_port):
         [out] = stub.ModelInfer(request, timeout=30).outputs
     got = np.array(out.contents.fp32_contents).reshape(list(out.shape))
     assert cosine(got, expected).min() >= 0.99999
+
+
+def test_make_status_shows_every_deployment_after_make_serve(serve_run_proc):
+    """`make status` from another shell, against the cluster `serve run` started (token auth on)."""
+    dashboard = dashboard_of(serve_run_proc[1])
+    done = subprocess.run(
+        ["make", "-s", "status", f"DASHBOARD={dashboard}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    app = yaml.safe_load(done.stdout)["applications"]["rayinfer"]
+    shipped = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["deployments"]
+    assert app["status"] == "RUNNING"
+    assert {name: d["status"] for name, d in app["deployments"].items()} == dict.fromkeys(
+        [d["name"] for d in shipped], "HEALTHY"
+    )
+    assert all(d["replica_states"] == {"RUNNING": 1} for d in app["deployments"].values())

@@ -1,7 +1,8 @@
 """One real Ray cluster and one Serve instance for the whole integration session.
 
 Deployed exactly as `serve run serve_config.yaml` does (ServeDeploySchema → deploy_apps),
-from the real config file, with only the HTTP and gRPC ports changed to free ones.
+from the real config file, with only the HTTP and gRPC ports changed to free ones, and the
+pipeline demos of serve_config.pipeline.yaml added behind the same ingress.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.schema import ServeDeploySchema
 
 from app.oip.grpc import grpc_predict_v2_pb2_grpc
-from tests.harness import serve_env
+from tests.harness import serve_env, with_pipelines
 from tests.helpers import free_port, serve_config_on
 
 APP = "rayinfer"
@@ -29,7 +30,7 @@ APP = "rayinfer"
 def served():
     """(HTTP URL, gRPC target) of the session's Serve instance."""
     port = free_port()
-    config = ServeDeploySchema.model_validate(serve_config_on(port))
+    config = ServeDeploySchema.model_validate(with_pipelines(serve_config_on(port)))
     os.environ.update(serve_env())  # the cluster inherits it, as with `make serve`
     # The dashboard (on a free port, loopback) writes the Prometheus service-discovery file, as
     # with `serve run`. Metrics reach the agent every second (default 10 s): the Prometheus test waits less.

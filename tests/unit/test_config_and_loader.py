@@ -61,7 +61,9 @@ def test_bad_config_is_rejected_naming_the_problem(args, words):
     assert words in str(e.value)
 
 
-@pytest.mark.parametrize("path", [SERVE_CONFIG, SERVE_CONFIG.with_name("serve_config.gpu.yaml")])
+@pytest.mark.parametrize(
+    "path", [SERVE_CONFIG, *(SERVE_CONFIG.with_name(f"serve_config.{p}.yaml") for p in ("pipeline", "gpu"))]
+)
 def test_serve_config_validates_against_ray_schema_and_ours(path):
     raw = yaml.safe_load(path.read_text())
     deploy = ServeDeploySchema.model_validate(raw)

@@ -57,7 +57,7 @@ def effective(app_config: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.gpu.yaml"])
+@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.pipeline.yaml", "serve_config.gpu.yaml"])
 def test_a_decorator_default_is_never_overridden_by_build_app(path):
     """A default in `@serve.deployment` that build_app always replaces would never apply: one
     source per option."""
@@ -67,26 +67,35 @@ def test_a_decorator_default_is_never_overridden_by_build_app(path):
             assert _option(built, key) == _option(cls, key), (name, key)
 
 
-@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.gpu.yaml"])
+@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.pipeline.yaml", "serve_config.gpu.yaml"])
 def test_the_config_file_names_only_deployments_the_app_builds(path):
     app_config = _app_config(path)
     built = _built(app_config)
     assert {o["name"] for o in app_config["deployments"]} <= set(built)
 
 
-def test_what_each_deployment_of_the_shipped_config_gets():
-    got = effective(_app_config())
-    table = {
+def _table(got: dict[str, dict[str, Any]]) -> dict[str, tuple]:
+    return {
         name: (o["num_replicas"], o["max_ongoing_requests"], o["max_queued_requests"],
                o["ray_actor_options"].get("num_cpus"))
         for name, o in got.items()
     }  # fmt: skip
-    assert table == {
-        "Ingress": (1, 512, 1024, 1),  # it holds all-MiniLM-L6-v2 (placement: ingress)
-        "Generator-SmolLM2-135M-Instruct": (1, 64, 256, 1),
+
+
+def test_what_each_deployment_of_the_pipeline_demos_gets():
+    assert _table(effective(_app_config("serve_config.pipeline.yaml"))) == {
+        "Ingress": (1, 512, 1024, 0),
         "Embedder-all-MiniLM-L6-v2-pipeline": (1, 64, 512, 0),
         "Stage0-all-MiniLM-L6-v2-pipeline": (1, 8, -1, 0),
         "Stage1-all-MiniLM-L6-v2-pipeline": (1, 8, -1, 0),
+    }
+
+
+def test_what_each_deployment_of_the_shipped_config_gets():
+    got = effective(_app_config())
+    assert _table(got) == {  # the lean default: two replicas
+        "Ingress": (1, 512, 1024, 1),  # it holds all-MiniLM-L6-v2 (placement: ingress)
+        "Generator-SmolLM2-135M-Instruct": (1, 64, 256, 1),
     }
     # The ingress sheds before Serve queues (README Reliability); a model's queue holds a full batch.
     assert _app_config()["args"]["max_inflight_requests"] < got["Ingress"]["max_ongoing_requests"]

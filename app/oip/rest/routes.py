@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from app.http.errors import error_responses
-from app.http.responses import FastJSONResponse
 from app.http.routing import Registry
 from app.oip import core as oip
+from app.oip.rest import binary
 from app.oip.rest.protocol import (
     InferRequestBody,
     InferResponseBody,
@@ -23,7 +23,8 @@ from app.oip.rest.protocol import (
 
 PREFIX = "/v2"
 ERROR_BODY = error_body  # the body every error under PREFIX has, whoever answers it
-router = APIRouter(prefix=PREFIX)
+# A JSON body without Content-Type is still JSON here: Triton reads it so, and tritonclient.http sends none.
+router = APIRouter(prefix=PREFIX, strict_content_type=False)
 NOT_READY = error_responses(OipError, only=(503,))
 MODEL_ERRORS = error_responses(OipError, only=(401, 404, 500, 503))
 
@@ -62,7 +63,9 @@ async def model_ready(name: str, registry: Registry) -> JSONResponse:
 
 
 @router.post("/models/{name}/infer", response_model=InferResponseBody, responses=error_responses(OipError))
-async def infer(name: str, body: InferRequestBody, registry: Registry) -> JSONResponse:
-    """Run a model on JSON tensors (OIP's inference request and response)."""
-    resp = await oip.infer(registry, request_from_body(name, body))
-    return FastJSONResponse(response_body(resp))
+async def infer(name: str, body: InferRequestBody, request: Request, registry: Registry) -> Response:
+    """Run a model on JSON tensors (OIP's inference request and response); inputs and outputs may be
+    raw bytes after the JSON, as Triton's binary tensor data extension sends them (app/oip/rest/binary.py)."""
+    binary_outputs = binary.output_flags(body.parameters or {}, body.outputs)
+    resp = await oip.infer(registry, request_from_body(name, body, request.scope.get(binary.SCOPE_KEY)))
+    return binary.respond(response_body(resp), resp, *binary_outputs)

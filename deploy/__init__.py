@@ -1,0 +1,1 @@
+"""Deployment artefacts: the container image (Dockerfile) and the KubeRay manifests (kuberay/)."""
