@@ -186,7 +186,7 @@ def render(results: dict, command: str) -> str:
             )
     lines += [
         "",
-        f"The whole default serve_config.yaml (embedders, encoder pipeline, generator), idle after start: "
+        f"The whole default serve_config.yaml (every model it names), idle after start: "
         f"{results['default_config_rss_mib']:.0f} MiB resident.",
     ]
     return "\n".join(lines) + "\n"
