@@ -27,11 +27,15 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import vllm, vllm.v1.engine.async_llm"
 	touch $(STAMP)
 
-# Foreground, HTTP on 127.0.0.1:8000 and gRPC on :9000 (see serve_config.yaml). Ctrl-C stops it.
+# Foreground, HTTP on 127.0.0.1:8000 and gRPC on :9000 (see serve_config.yaml), under the supervisor
+# (supervise/, README "Starting and stopping"): one Ctrl-C or SIGTERM, to make or to any process of the
+# run, drains within RAYINFER_STOP_TIMEOUT_S (30 s); a second stops it at once; nothing is left behind.
+# `exec`: the supervisor replaces the recipe's shell, so make's only child is the supervisor.
 # The serving environment (HAProxy, latency buckets) comes from app/environment.py.
+CONFIG ?= serve_config.yaml
 serve: setup
 	@echo "rayinfer: ready when curl -s localhost:8000/readyz says so; deployments and replicas: make status"
-	env $$($(PY) -m app.environment) $(VENV)/bin/serve run serve_config.yaml
+	exec $(PY) -m supervise serve $(CONFIG)
 
 # `serve status` of the cluster `make serve` runs, from another shell. Ray 2.60's local clusters have
 # token authentication on: the CLI sends the token `serve run` keeps in ~/.ray/auth_token only when

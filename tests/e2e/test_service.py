@@ -1,0 +1,251 @@
+"""`make serve` as a service, with real processes: whichever process of it gets SIGTERM, a double
+Ctrl-C, SIGKILL of its whole process group, or a crash of its supervisor, nothing of the run is left
+(every process recorded when it was ready is gone, none carries its run id, its ports are free), and
+the next `make serve` on the same ports becomes ready. A start beside a foreign process holding a
+port refuses, names it, and leaves it alone.
+
+The tests run in file order on one set of ports: each test's start is the "next start" of the one
+before it. A small config (tiny-lm alone) keeps each start short; the stop bound does not depend on
+the models (README "Starting and stopping" has the shipped config's stop time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from ray._common.test_utils import wait_for_condition
+
+from supervise import procs
+from tests.harness import ROOT, free_port, serve_config_on, serve_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+STOP_TIMEOUT_S = 30  # the default drain bound
+# The documented bound on a stop: the drain bound, then killing what is left and checking the ports.
+STOP_BOUND_S = STOP_TIMEOUT_S + 15
+AT_ONCE_BOUND_S = 15  # a second signal, or SIGKILL of the group: no drain
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory) -> dict:
+    """One config file, state dir and environment for every start of the module: the same ports each time."""
+    tmp = tmp_path_factory.mktemp("service")
+    config = serve_config_on(free_port())
+    app = config["applications"][0]
+    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == "tiny-lm"]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "Generator-tiny-lm")]
+    path = tmp / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, **serve_env(), "RAYINFER_STATE_DIR": str(tmp / "run")}
+    env.pop("RAYINFER_STOP_TIMEOUT_S", None)
+    return {"config": str(path), "env": env, "port": config["http_options"]["port"], "tmp": tmp}
+
+
+@dataclass
+class Run:
+    make: subprocess.Popen
+    log: Path
+    ports: list[int]
+    front: psutil.Process | None = None
+    supervisor: psutil.Process | None = None
+    serve: psutil.Process | None = None
+    run_id: str = ""
+    tree: list[psutil.Process] = field(default_factory=list)  # everything of the run, recorded when ready
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+# Ray waits a fixed 30 s for a new raylet to register (ray/_private/node.py); on an overloaded
+# machine that can run out, and `serve run` exits before anything is served. Such a start is tried
+# once more: it says nothing about stopping.
+RAYLET_TIMEOUT = "The current node timed out during startup"
+
+
+def start(setting: dict, name: str) -> Run:
+    """`make serve CONFIG=...` as a terminal's foreground job (its own process group), until /readyz is 200."""
+    try:
+        return _start(setting, name)
+    except StartFailed as failed:
+        if RAYLET_TIMEOUT not in str(failed):
+            raise
+        return _start(setting, f"{name}-again")
+
+
+class StartFailed(AssertionError):
+    pass
+
+
+def _start(setting: dict, name: str) -> Run:
+    log = setting["tmp"] / f"{name}.log"
+    with log.open("w") as out:
+        make = subprocess.Popen(
+            ["make", "--no-print-directory", "serve", f"CONFIG={setting['config']}"],
+            cwd=ROOT,
+            env=setting["env"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{setting['port']}/readyz"
+    deadline = time.monotonic() + 300
+    while not _ok(url):
+        if make.poll() is not None:
+            raise StartFailed(f"make serve exited ({make.returncode}):\n{log.read_text()[-4000:]}")
+        assert time.monotonic() < deadline, f"not ready in 300 s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)  # polling the readiness endpoint
+    run = Run(make, log, [])
+    [run.front] = psutil.Process(make.pid).children()
+    [run.supervisor] = run.front.children()
+    run.serve = next(p for p in run.supervisor.children() if "serve" in " ".join(p.cmdline()))
+    run.run_id = run.supervisor.environ()[procs.RUN_ID_VAR]
+    run.tree = [psutil.Process(make.pid), run.front, run.supervisor, *procs.run_members(run.run_id, run.supervisor.pid)]
+    record = yaml.safe_load(next(Path(setting["env"]["RAYINFER_STATE_DIR"]).glob("*.json")).read_text())
+    run.ports = [int(p) for p in record["ports"]]
+    assert len(run.ports) == 6  # HTTP, gRPC, HAProxy's stats and metrics, the fallback proxy's two
+    assert any("haproxy" in " ".join(p.cmdline()) for p in run.tree), "HAProxy is part of the run"
+    return run
+
+
+def _ok(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=2).status_code == 200
+    return False
+
+
+def wait_stopped(run: Run, bound_s: float, since: float) -> float:
+    """Until make exits (if it still can) and every process of the run is gone; asserts it took at most
+    `bound_s` from `since`, and that the ports are free. Returns the seconds it took."""
+    wait_for_condition(lambda: not _alive(run.tree), timeout=bound_s + 30, retry_interval_ms=200)
+    took = time.monotonic() - since
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        run.make.wait(timeout=5)
+    assert took <= bound_s, f"stopped after {took:.1f} s, bound {bound_s} s:\n{run.text()[-3000:]}"
+    assert not procs.run_members(run.run_id, run.supervisor.pid), "a process of the run is still running"
+    assert not procs.listeners(run.ports), [h.describe() for h in procs.listeners(run.ports)]
+    return took
+
+
+def _alive(tree: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
+
+
+def test_make_has_one_child_the_supervisor_and_sigterm_to_make_drains(setting):
+    run = start(setting, "sigterm-make")
+    # No recipe shell: make's only child is the supervisor's foreground process (`exec` in the recipe).
+    assert run.front.cmdline()[1:4] == ["-m", "supervise", "serve"], run.front.cmdline()
+    assert os.getsid(run.supervisor.pid) == run.supervisor.pid  # the run's own session
+    since = time.monotonic()
+    run.make.send_signal(signal.SIGTERM)
+    took = wait_stopped(run, STOP_BOUND_S, since)
+    assert "SIGTERM: draining" in run.text()
+    print(f"SIGTERM to make: stopped in {took:.1f} s")
+
+
+def test_sigterm_to_the_foreground_supervisor(setting):
+    run = start(setting, "sigterm-front")
+    since = time.monotonic()
+    run.front.send_signal(signal.SIGTERM)
+    wait_stopped(run, STOP_BOUND_S, since)
+    assert run.make.returncode == 0, run.text()[-2000:]
+
+
+def test_sigterm_to_the_session_supervisor(setting):
+    run = start(setting, "sigterm-supervisor")
+    since = time.monotonic()
+    run.supervisor.send_signal(signal.SIGTERM)
+    wait_stopped(run, STOP_BOUND_S, since)
+
+
+def test_sigterm_to_serve_run_stops_the_whole_run(setting):
+    run = start(setting, "sigterm-serve")
+    since = time.monotonic()
+    run.serve.send_signal(signal.SIGTERM)
+    wait_stopped(run, STOP_BOUND_S, since)
+    assert "without being asked to stop" in run.text()
+    assert run.make.returncode != 0  # the service died: a supervisor above make would restart it
+
+
+def test_double_ctrl_c_stops_at_once(setting):
+    run = start(setting, "double-sigint")
+    os.killpg(run.make.pid, signal.SIGINT)
+    wait_for_condition(lambda: "SIGINT: draining" in run.text(), timeout=30)
+    since = time.monotonic()
+    os.killpg(run.make.pid, signal.SIGINT)
+    wait_stopped(run, AT_ONCE_BOUND_S, since)
+    assert "second stop request (SIGINT): stopping at once" in run.text()
+
+
+def test_sigkill_of_the_whole_process_group(setting):
+    run = start(setting, "sigkill-group")
+    since = time.monotonic()
+    os.killpg(run.make.pid, signal.SIGKILL)
+    wait_stopped(run, AT_ONCE_BOUND_S, since)
+
+
+def test_a_crashed_supervisor_leftovers_are_cleaned_by_the_next_start(setting):
+    crashed = start(setting, "crash")
+    crashed.supervisor.kill()  # SIGKILL: nothing of the run is stopped...
+    wait_for_condition(lambda: crashed.make.poll() is not None, timeout=30)
+    assert _ok(f"http://127.0.0.1:{setting['port']}/readyz")  # ...and it still serves
+    left = _alive(crashed.tree)
+    assert left
+    run = start(setting, "after-crash")  # ready: the leftovers were stopped first
+    assert "ended without stopping its processes; stopping them" in run.text()
+    assert not _alive(left)
+    since = time.monotonic()
+    os.killpg(run.make.pid, signal.SIGINT)  # one Ctrl-C
+    wait_stopped(run, STOP_BOUND_S, since)
+
+
+def test_a_port_held_by_another_process_refuses_the_start_and_leaves_it_alone(setting):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind(('127.0.0.1', {setting['port']})); s.listen(); print('up', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "up\n"
+        log = setting["tmp"] / "refused.log"
+        with log.open("w") as out:
+            code = subprocess.run(
+                ["make", "--no-print-directory", "serve", f"CONFIG={setting['config']}"],
+                cwd=ROOT,
+                env=setting["env"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+            ).returncode
+        text = log.read_text()
+        assert code != 0
+        assert f"port {setting['port']} is held by pid {holder.pid}" in text, text
+        assert "http_options.port" in text and f"kill {holder.pid}" in text and "Nothing was stopped" in text
+        assert holder.poll() is None  # not this project's: left alone
+        with socket.create_connection(("127.0.0.1", setting["port"]), timeout=5):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
