@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -249,3 +250,50 @@ def test_a_port_held_by_another_process_refuses_the_start_and_leaves_it_alone(se
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_systemd_units_command_deploys_and_stops_like_make_serve(setting, tmp_path):
+    """`python -m supervise head` (deploy/systemd/rayinfer.service's ExecStart): `ray start --head`,
+    `serve deploy`, ready; systemd's SIGTERM to it drains (`serve shutdown`), then nothing is left."""
+    flags = (
+        "--port",
+        "--dashboard-port",
+        "--ray-client-server-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    )
+    ray_args = [f"{flag}={free_port()}" for flag in flags] + [f"--temp-dir={tmp_path / 'ray'}"]
+    env = {
+        **setting["env"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        # On a busy small machine the dashboard agent can take over Ray's default 30 s to start.
+        "RAY_agent_register_timeout_ms": "120000",
+    }
+    log = tmp_path / "head.log"
+    with log.open("w") as out:
+        front = subprocess.Popen(
+            [sys.executable, "-m", "supervise", "head", setting["config"], *ray_args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 300
+    while not _ok(f"http://127.0.0.1:{setting['port']}/readyz"):
+        assert front.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.5)  # polling the readiness endpoint
+    [supervisor] = psutil.Process(front.pid).children()
+    run_id = supervisor.environ()[procs.RUN_ID_VAR]
+    tree = [psutil.Process(front.pid), supervisor, *procs.run_members(run_id, supervisor.pid)]
+    record = yaml.safe_load(next(Path(setting["env"]["RAYINFER_STATE_DIR"]).glob("head-*.json")).read_text())
+    run = Run(front, log, [int(p) for p in record["ports"]], run_id=run_id, tree=tree)
+    run.supervisor = supervisor
+    since = time.monotonic()
+    front.send_signal(signal.SIGTERM)  # what `systemctl stop` does with KillMode=mixed
+    wait_stopped(run, STOP_BOUND_S, since)
+    assert front.returncode == 0, log.read_text()[-3000:]
+    assert "SIGTERM: draining" in log.read_text()
