@@ -41,6 +41,7 @@ class Supervisor:
         self.front_fd = front_fd
         self.requests: list[int] = []  # stop signals received, in order
         self.asked_at: float | None = None  # when the first stop request came (time.monotonic)
+        self.failed: str | None = None  # why the start failed (a step of the plan raised)
         self.ready = threading.Event()
         self.stopping = threading.Event()
 
@@ -66,6 +67,8 @@ class Supervisor:
             self.plan.ports,
             state.now(),
         )
+        if self.requests:  # asked to stop before anything started
+            return 0
         path = state.save(self.state_dir, record)
         log(f"starting {' '.join(self.plan.command)} (run {self.plan.name}, record {path})")
         child = subprocess.Popen(self.plan.command, env=self.plan.env, stdin=subprocess.DEVNULL)
@@ -83,10 +86,14 @@ class Supervisor:
         while True:
             if self.front_fd is not None and select.select([self.front_fd], [], [], 0.2)[0]:
                 if not os.read(self.front_fd, 1):  # EOF: the foreground process is gone
+                    self.asked_at = self.asked_at or time.monotonic()
                     log("the foreground process is gone: stopping at once")
                     return 0
             elif self.front_fd is None:
                 time.sleep(0.2)  # polling the child and the signal flags
+            if self.failed is not None:
+                log(f"could not start: {self.failed}")
+                return 1
             if len(self.requests) >= 2:
                 log(f"second stop request ({signal.Signals(self.requests[1]).name}): stopping at once")
                 return 0
@@ -111,8 +118,7 @@ class Supervisor:
             if self.plan.prepare is not None:
                 self.plan.prepare(self.stopping.is_set)
         except Exception as error:
-            log(f"could not start: {error}")
-            self.requests.extend([signal.SIGTERM, signal.SIGTERM])
+            self.failed = str(error) or type(error).__name__
             return
         while self.plan.ready_url and not self.stopping.is_set() and child.poll() is None:
             try:
