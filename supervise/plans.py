@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
+
+from supervise import log, procs
 
 BIN = Path(sys.executable).parent
 
@@ -76,10 +79,35 @@ def _signal(sig: int) -> Stopper:
     return stop
 
 
+def _drain_haproxy(run_id: str, deadline: float) -> None:
+    """Let the run's HAProxy finish the requests it carries, for at most half the time left: SIGUSR1
+    (HAProxy's soft stop) closes its listeners and it exits once its connections are done. Serve's
+    shutdown kills HAProxy at once, which would cut every request in flight through it."""
+    haproxies = []
+    for proc in procs.run_members(run_id, os.getsid(0)):
+        with contextlib.suppress(psutil.Error):
+            if os.path.basename(proc.exe()) == "haproxy":
+                proc.send_signal(signal.SIGUSR1)
+                haproxies.append(proc)
+    if haproxies:
+        log(f"HAProxy (pid {' '.join(str(p.pid) for p in haproxies)}) finishing the requests it carries")
+        _, alive = psutil.wait_procs(haproxies, timeout=max(0.0, (deadline - time.monotonic()) / 2))
+        log("HAProxy done" if not alive else "HAProxy still has requests: Serve's shutdown ends them")
+
+
+def _serve_graceful(run_id: str) -> Stopper:
+    def stop(child: subprocess.Popen, deadline: float) -> None:
+        _drain_haproxy(run_id, deadline)
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+
+    return stop
+
+
 def serve_plan(config_path: str, run_id: str) -> Plan:
-    """`serve run CONFIG` on a new local Ray cluster (what `make serve` runs). Stopping is what
-    Ctrl-C does to `serve run`: SIGINT, then Serve drains every replica (serve.shutdown) and Ray
-    stops its processes."""
+    """`serve run CONFIG` on a new local Ray cluster (what `make serve` runs). Stopping: HAProxy
+    finishes the requests it carries, then what Ctrl-C does to `serve run`: SIGINT, Serve stops
+    every replica (serve.shutdown) and Ray its processes."""
     config = yaml.safe_load(Path(config_path).read_text())
     env = _serving_env(run_id)
     env["RAY_ADDRESS"] = "local"  # a new cluster, never one already running on the machine
@@ -90,7 +118,7 @@ def serve_plan(config_path: str, run_id: str) -> Plan:
     ports = _app_ports(config, config_path, env)
     command = [str(BIN / "serve"), "run", config_path]
     http_port = min(p for p, s in ports.items() if s.startswith("http_options"))
-    return Plan(f"serve-{http_port}", command, env, ports, _readyz(config), _signal(signal.SIGINT))
+    return Plan(f"serve-{http_port}", command, env, ports, _readyz(config), _serve_graceful(run_id))
 
 
 def _flag(args: list[str], flag: str, default: int) -> int:
@@ -104,7 +132,8 @@ def _flag(args: list[str], flag: str, default: int) -> int:
 
 def head_plan(config_path: str, run_id: str, ray_args: list[str]) -> Plan:
     """`ray start --head --block`, then `serve deploy CONFIG` (the systemd unit's service). Stopping:
-    `serve shutdown` (Serve drains every replica), then SIGTERM to `ray start`, which stops Ray."""
+    HAProxy finishes its requests, `serve shutdown` stops every replica, then SIGTERM to `ray start`
+    stops Ray."""
     config = yaml.safe_load(Path(config_path).read_text())
     env = _serving_env(run_id)
     env.pop("RAY_ADDRESS", None)
@@ -129,6 +158,7 @@ def head_plan(config_path: str, run_id: str, ray_args: list[str]) -> Plan:
             subprocess.run([*serve_cli, "deploy", config_path, "-a", dashboard], env=env, check=True, timeout=300)
 
     def graceful(child: subprocess.Popen, deadline: float) -> None:
+        _drain_haproxy(run_id, deadline)
         remaining = deadline - time.monotonic() - 2  # leave `ray start` a moment of its own
         if remaining > 0:
             # On failure the deadline still holds: whatever is left is killed then.

@@ -9,12 +9,10 @@ free, and removes the run's record.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,16 +20,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-from supervise import procs, state
+from supervise import log, procs, state
 from supervise.plans import Plan
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PORTS_FREE_TIMEOUT_S = 10.0
-
-
-def log(message: str) -> None:
-    with contextlib.suppress(OSError):  # the terminal may be gone; the run still stops
-        print(f"rayinfer: {message}", file=sys.stderr, flush=True)
 
 
 class Supervisor:
