@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,15 +167,46 @@ def _alive(tree: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
+class Stream(threading.Thread):
+    """A streamed completion long enough to be in flight when the run is asked to stop (tiny-lm's
+    greedy text runs to max_tokens)."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port, self.lines, self.outcome = port, [], None
+        self.first = threading.Event()
+
+    def run(self) -> None:
+        body = {"model": "tiny-lm", "prompt": "Serving", "max_tokens": 450, "temperature": 0, "stream": True}
+        try:
+            url = f"http://127.0.0.1:{self.port}/v1/completions"
+            with httpx.stream("POST", url, json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line:
+                        self.lines.append((time.monotonic(), line))
+                        self.first.set()
+            self.outcome = response.status_code
+        except httpx.HTTPError as error:
+            self.outcome = repr(error)
+        self.first.set()
+
+
 def test_make_has_one_child_the_supervisor_and_sigterm_to_make_drains(setting):
     run = start(setting, "sigterm-make")
     # No recipe shell: make's only child is the supervisor's foreground process (`exec` in the recipe).
     assert run.front.cmdline()[1:4] == ["-m", "supervise", "serve"], run.front.cmdline()
     assert os.getsid(run.supervisor.pid) == run.supervisor.pid  # the run's own session
+    stream = Stream(setting["port"])
+    stream.start()
+    assert stream.first.wait(60)
     since = time.monotonic()
     run.make.send_signal(signal.SIGTERM)
     took = wait_stopped(run, STOP_BOUND_S, since)
-    assert "SIGTERM: draining" in run.text()
+    stream.join(60)
+    # The request in flight at the signal was finished, not cut: a drain, not a kill.
+    assert stream.outcome == 200 and stream.lines[-1][1] == "data: [DONE]", (stream.outcome, stream.lines[-3:])
+    assert any(at > since for at, _ in stream.lines)
+    assert "SIGTERM: draining" in run.text() and "HAProxy done" in run.text()
     print(f"SIGTERM to make: stopped in {took:.1f} s")
 
 
