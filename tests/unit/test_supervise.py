@@ -168,3 +168,12 @@ def test_the_systemd_unit_is_valid(tmp_path):
     result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "KillMode=mixed" in unit and "RestartPreventExitStatus=3" in unit and state.REFUSED == 3
+
+
+def test_a_container_runs_kuberays_generated_ray_start(monkeypatch):
+    generated = "ray start --head  --dashboard-host=0.0.0.0 --metrics-export-port=8080 --num-cpus=0 "
+    monkeypatch.setenv("KUBERAY_GEN_RAY_START_CMD", generated)
+    plan = plans.node_plan("d" * 32, [])
+    assert plan.command == [*generated.split(), "--block"]  # blocks, so the supervisor holds the node
+    assert plan.env[procs.RUN_ID_VAR] == "d" * 32 and plan.env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert plans.node_plan("d" * 32, ["ray", "start", "--address=head:6379", "--block"]).command[-1] == "--block"
