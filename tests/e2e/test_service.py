@@ -1,4 +1,5 @@
-"""`make serve` as a service, with real processes: whichever process of it gets SIGTERM, a double
+"""`make serve` as a service, with real processes: whichever process of it gets SIGTERM (make, which
+forwards it to its one child, the supervisor's foreground process; the supervisor; `serve run`), a double
 Ctrl-C, SIGKILL of its whole process group, or a crash of its supervisor, nothing of the run is left
 (every process recorded when it was ready is gone, none carries its run id, its ports are free), and
 the next `make serve` on the same ports becomes ready. A start beside a foreign process holding a
@@ -82,15 +83,8 @@ def test_make_has_one_child_the_supervisor_and_sigterm_to_make_drains(setting):
     assert stream.outcome == 200 and stream.lines[-1][1] == "data: [DONE]", (stream.outcome, stream.lines[-3:])
     assert any(at > since for at, _ in stream.lines)
     assert "SIGTERM: draining" in run.text() and "HAProxy done" in run.text()
+    assert run.make.returncode == -signal.SIGTERM  # make waited for its child, then ended by the signal
     print(f"SIGTERM to make: stopped in {took:.1f} s")
-
-
-def test_sigterm_to_the_foreground_supervisor(setting):
-    run = start(setting, "sigterm-front")
-    since = time.monotonic()
-    run.front.send_signal(signal.SIGTERM)
-    wait_stopped(run, STOP_BOUND_S, since)
-    assert run.make.returncode == 0, run.text()[-2000:]
 
 
 def test_sigterm_to_the_session_supervisor(setting):
