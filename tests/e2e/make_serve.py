@@ -29,9 +29,10 @@ class Run:
     serve: psutil.Process | None = None
     run_id: str = ""
     tree: list[psutil.Process] = field(default_factory=list)  # everything of the run, recorded when ready
+    before: str = ""  # the logs of failed attempts at this start (RAYLET_TIMEOUT)
 
     def text(self) -> str:
-        return self.log.read_text()
+        return self.before + self.log.read_text()
 
 
 # Ray waits a fixed 30 s for a new raylet to register (ray/_private/node.py); on an overloaded
@@ -42,17 +43,23 @@ RAYLET_TIMEOUT = "The current node timed out during startup"
 
 def start(setting: dict, name: str) -> Run:
     """`make serve CONFIG=...` as a terminal's foreground job (its own process group), until /readyz is 200."""
+    before = ""
     for attempt in range(3):
         try:
-            return _start(setting, f"{name}-{attempt}" if attempt else name)
+            run = _start(setting, f"{name}-{attempt}" if attempt else name)
+            run.before = before
+            return run
         except StartFailed as failed:
             if RAYLET_TIMEOUT not in str(failed) or attempt == 2:
                 raise
+            before += failed.log
     raise AssertionError("unreachable")
 
 
 class StartFailed(AssertionError):
-    pass
+    def __init__(self, message: str, log: str):
+        super().__init__(message)
+        self.log = log
 
 
 def _start(setting: dict, name: str) -> Run:
@@ -72,7 +79,7 @@ def _start(setting: dict, name: str) -> Run:
     deadline = time.monotonic() + 300
     while "rayinfer: ready after" not in log.read_text():
         if make.poll() is not None:
-            raise StartFailed(f"make serve exited ({make.returncode}):\n{log.read_text()[-4000:]}")
+            raise StartFailed(f"make serve exited ({make.returncode}):\n{log.read_text()[-4000:]}", log.read_text())
         assert time.monotonic() < deadline, f"not ready in 300 s:\n{log.read_text()[-4000:]}"
         time.sleep(0.5)  # polling the run's log
     assert answers_200(f"http://127.0.0.1:{setting['port']}/readyz")

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -183,7 +184,9 @@ def test_the_systemd_units_command_deploys_and_stops_like_make_serve(setting, tm
         "--runtime-env-agent-port",
         "--metrics-export-port",
     )
-    ray_args = [f"{flag}={free_port()}" for flag in flags] + [f"--temp-dir={tmp_path / 'ray'}"]
+    # Its own Ray temp dir, short enough for Ray's unix sockets (107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="rayinfer-")
+    ray_args = [f"{flag}={free_port()}" for flag in flags] + [f"--temp-dir={temp_dir}"]
     env = {
         **setting["env"],
         "RAY_AUTH_MODE": "token",
