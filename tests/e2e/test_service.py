@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -187,8 +188,14 @@ def test_the_systemd_units_command_deploys_and_stops_like_make_serve(setting, tm
     # Its own Ray temp dir, short enough for Ray's unix sockets (107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="rayinfer-")
     ray_args = [f"{flag}={free_port()}" for flag in flags] + [f"--temp-dir={temp_dir}"]
+    unit = (ROOT / "deploy/systemd/rayinfer.service").read_text()
+    # The unit's own environment, but for its paths (this checkout's state dir, the test's home).
+    unit_env = dict(
+        line.removeprefix("Environment=").split("=", 1) for line in unit.splitlines() if "Environment=" in line
+    )
     env = {
         **setting["env"],
+        **{k: v for k, v in unit_env.items() if k not in ("HOME", "RAYINFER_STATE_DIR")},
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         # On a busy small machine the dashboard agent can take over Ray's default 30 s to start.
@@ -220,3 +227,4 @@ def test_the_systemd_units_command_deploys_and_stops_like_make_serve(setting, tm
     wait_stopped(run, STOP_BOUND_S, since)
     assert front.returncode == 0, log.read_text()[-3000:]
     assert "SIGTERM: draining" in log.read_text()
+    shutil.rmtree(temp_dir, ignore_errors=True)
