@@ -191,7 +191,7 @@ def test_the_systemd_units_command_deploys_and_stops_like_make_serve(setting, tm
     unit = (ROOT / "deploy/systemd/rayinfer.service").read_text()
     # The unit's own environment, but for its paths (this checkout's state dir, the test's home).
     unit_env = dict(
-        line.removeprefix("Environment=").split("=", 1) for line in unit.splitlines() if "Environment=" in line
+        line.removeprefix("Environment=").split("=", 1) for line in unit.splitlines() if line.startswith("Environment=")
     )
     env = {
         **setting["env"],
