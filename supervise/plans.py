@@ -174,10 +174,15 @@ def node_plan(run_id: str, ray_args: list[str]) -> Plan:
     """A container's `ray start ... --block` (KubeRay's generated command from KUBERAY_GEN_RAY_START_CMD
     when the pod has ray.io/overwrite-container-cmd: "true"; else the arguments; else a head). Stopping:
     SIGTERM to `ray start`, which drains the node (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) and stops Ray."""
-    generated = os.environ.get("KUBERAY_GEN_RAY_START_CMD", "")
-    command = ray_args or shlex.split(generated) or ["ray", "start", "--head"]
-    if "--block" not in command:
-        command.append("--block")
+    generated = os.environ.get("KUBERAY_GEN_RAY_START_CMD", "").strip()
+    if ray_args or not generated:
+        command = list(ray_args) or ["ray", "start", "--head"]
+        command += [] if "--block" in command else ["--block"]
+    else:
+        # KubeRay's command is shell text (quoted JSON resources, maybe $VARs): bash reads it as KubeRay's
+        # own container command does, and execs it, so `ray start` is the supervisor's child.
+        block = "" if "--block" in shlex.split(generated) else " --block"
+        command = ["bash", "-c", f"exec {generated}{block}"]
     # What KubeRay's own container command does first (`ulimit -n 65536`).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)

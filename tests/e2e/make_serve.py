@@ -41,12 +41,13 @@ class Run:
 RAYLET_TIMEOUT = "The current node timed out during startup"
 
 
-def start(setting: dict, name: str) -> Run:
-    """`make serve CONFIG=...` as a terminal's foreground job (its own process group), until /readyz is 200."""
+def start(setting: dict, name: str, config: str | None = None, ready_s: float = 300) -> Run:
+    """`make serve CONFIG=...` (the setting's small config unless `config`) as a terminal's foreground job
+    (its own process group), until its supervisor says it is ready (within `ready_s`) and /readyz is 200."""
     before = ""
     for attempt in range(3):
         try:
-            run = _start(setting, f"{name}-{attempt}" if attempt else name)
+            run = _start(setting, f"{name}-{attempt}" if attempt else name, config or setting["config"], ready_s)
             run.before = before
             return run
         except StartFailed as failed:
@@ -62,11 +63,11 @@ class StartFailed(AssertionError):
         self.log = log
 
 
-def _start(setting: dict, name: str) -> Run:
+def _start(setting: dict, name: str, config: str, ready_s: float) -> Run:
     log = setting["tmp"] / f"{name}.log"
     with log.open("w") as out:
         make = subprocess.Popen(
-            ["make", "--no-print-directory", "serve", f"CONFIG={setting['config']}"],
+            ["make", "--no-print-directory", "serve", f"CONFIG={config}"],
             cwd=ROOT,
             env=setting["env"],
             stdout=out,
@@ -76,11 +77,11 @@ def _start(setting: dict, name: str) -> Run:
     setting["started"].append(make)
     # Ready when the run's own supervisor says so: until its start has stopped an earlier run's
     # leftovers, /readyz may still be answered by them.
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + ready_s
     while "rayinfer: ready after" not in log.read_text():
         if make.poll() is not None:
             raise StartFailed(f"make serve exited ({make.returncode}):\n{log.read_text()[-4000:]}", log.read_text())
-        assert time.monotonic() < deadline, f"not ready in 300 s:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"not ready in {ready_s:g} s:\n{log.read_text()[-4000:]}"
         time.sleep(0.5)  # polling the run's log
     assert answers_200(f"http://127.0.0.1:{setting['port']}/readyz")
     run = Run(make, log, [])
@@ -125,16 +126,23 @@ def still_alive(tree: list[psutil.Process]) -> list[psutil.Process]:
 
 
 class Stream(threading.Thread):
-    """A streamed completion long enough to be in flight when the run is asked to stop (tiny-lm's
-    greedy text runs to max_tokens)."""
+    """A streamed completion long enough to be in flight when the run is asked to stop, short enough to
+    finish within the drain (`ignore_eos`: it runs to max_tokens)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, model: str, max_tokens: int):
         super().__init__(daemon=True)
-        self.port, self.lines, self.outcome = port, [], None
+        self.port, self.model, self.max_tokens, self.lines, self.outcome = port, model, max_tokens, [], None
         self.first = threading.Event()
 
     def run(self) -> None:
-        body = {"model": "tiny-lm", "prompt": "Serving", "max_tokens": 450, "temperature": 0, "stream": True}
+        body = {
+            "model": self.model,
+            "prompt": "Serving",
+            "max_tokens": self.max_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
         try:
             url = f"http://127.0.0.1:{self.port}/v1/completions"
             with httpx.stream("POST", url, json=body, timeout=120) as response:

@@ -6,8 +6,10 @@ the next `make serve` on the same ports becomes ready. A start beside a foreign 
 port refuses, names it, and leaves it alone.
 
 The tests run in file order on one set of ports: each test's start is the "next start" of the one
-before it. A small config (tiny-lm alone) keeps each start short; the stop bound does not depend on
-the models (README "Starting and stopping" has the shipped config's stop time).
+before it. The first runs the shipped config (ports moved): a streamed completion from vLLM's engine is
+in flight at the signal, and its stop time is the shipped config's. The others run a small config (the
+embedding model inside the ingress, one replica) to keep each start short: which process gets the
+signal, not the models, decides what those stops must do.
 """
 
 from __future__ import annotations
@@ -44,15 +46,28 @@ AT_ONCE_BOUND_S = 15  # a second signal, or SIGKILL of the group: no drain
 def setting(tmp_path_factory) -> dict:
     """One config file, state dir and environment for every start of the module: the same ports each time."""
     tmp = tmp_path_factory.mktemp("service")
-    config = serve_config_on(free_port())
-    app = config["applications"][0]
-    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == "tiny-lm"]
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "Generator-tiny-lm")]
-    path = tmp / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    shipped = serve_config_on(free_port())
+    (tmp / "shipped.yaml").write_text(yaml.safe_dump(shipped))
+    small = serve_config_on(shipped["http_options"]["port"], shipped["grpc_options"]["port"])
+    app = small["applications"][0]
+    app["args"]["models"] = [m for m in app["args"]["models"] if m.get("placement") == "ingress"]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] == "Ingress"]
+    (tmp / "small.yaml").write_text(yaml.safe_dump(small))
     env = {**os.environ, **serve_env(), "RAYINFER_STATE_DIR": str(tmp / "run")}
     env.pop("RAYINFER_STOP_TIMEOUT_S", None)
-    return {"config": str(path), "env": env, "port": config["http_options"]["port"], "tmp": tmp, "started": []}
+    return {
+        "config": str(tmp / "small.yaml"),
+        "shipped": str(tmp / "shipped.yaml"),
+        "generate": _generation_model(shipped),
+        "env": env,
+        "port": shipped["http_options"]["port"],
+        "tmp": tmp,
+        "started": [],
+    }
+
+
+def _generation_model(config: dict) -> str:
+    return next(m["name"] for m in config["applications"][0]["args"]["models"] if m["task"] == "generate")
 
 
 @pytest.fixture(autouse=True)
@@ -69,12 +84,15 @@ def no_run_outlives_its_test(setting):
         procs.kill_run(record["run_id"], record["pid"])
 
 
+@pytest.mark.timeout(1200)
 def test_make_has_one_child_the_supervisor_and_sigterm_to_make_drains(setting):
-    run = start(setting, "sigterm-make")
+    # The shipped config: a vLLM engine starts in ~30 s idle, minutes on a loaded machine.
+    run = start(setting, "sigterm-make", setting["shipped"], ready_s=900)
     # No recipe shell: make's only child is the supervisor's foreground process (`exec` in the recipe).
     assert run.front.cmdline()[1:4] == ["-m", "supervise", "serve"], run.front.cmdline()
     assert os.getsid(run.supervisor.pid) == run.supervisor.pid  # the run's own session
-    stream = Stream(setting["port"])
+    # ~150 tokens: several seconds of decoding on 2 cores, well within the drain's bound.
+    stream = Stream(setting["port"], setting["generate"], max_tokens=150)
     stream.start()
     assert stream.first.wait(60)
     since = time.monotonic()
@@ -86,7 +104,7 @@ def test_make_has_one_child_the_supervisor_and_sigterm_to_make_drains(setting):
     assert any(at > since for at, _ in stream.lines)
     assert "SIGTERM: draining" in run.text() and "HAProxy done" in run.text()
     assert run.make.returncode == -signal.SIGTERM  # make waited for its child, then ended by the signal
-    print(f"SIGTERM to make: stopped in {took:.1f} s")
+    print(f"SIGTERM to make (shipped config, {len(run.tree)} processes): stopped in {took:.1f} s")
 
 
 def test_sigterm_to_the_session_supervisor(setting):

@@ -170,10 +170,30 @@ def test_the_systemd_unit_is_valid(tmp_path):
     assert "KillMode=mixed" in unit and "RestartPreventExitStatus=3" in unit and state.REFUSED == 3
 
 
-def test_a_container_runs_kuberays_generated_ray_start(monkeypatch):
-    generated = "ray start --head  --dashboard-host=0.0.0.0 --metrics-export-port=8080 --num-cpus=0 "
+def test_a_container_runs_kuberays_generated_ray_start_as_its_shell_would(monkeypatch, tmp_path):
+    # KubeRay quotes JSON resources for a shell; `printf` in place of `ray` shows the arguments bash passes.
+    generated = (
+        """ray start --head  --dashboard-host=0.0.0.0 --num-cpus=0 --resources='{"a": 1}' --node-name=$HOSTNAME"""
+    )
     monkeypatch.setenv("KUBERAY_GEN_RAY_START_CMD", generated)
+    monkeypatch.setenv("HOSTNAME", "pod-1")
     plan = plans.node_plan("d" * 32, [])
-    assert plan.command == [*generated.split(), "--block"]  # blocks, so the supervisor holds the node
+    assert plan.command[:2] == ["bash", "-c"] and plan.command[2].endswith(
+        " --block"
+    )  # so the supervisor holds the node
+    shown = plan.command[2].replace("exec ray ", "exec printf '%s\\n' ray ", 1)
+    passed = subprocess.run(["bash", "-c", shown], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert passed == [
+        "ray",
+        "start",
+        "--head",
+        "--dashboard-host=0.0.0.0",
+        "--num-cpus=0",
+        '--resources={"a": 1}',
+        "--node-name=pod-1",
+        "--block",
+    ]
     assert plan.env[procs.RUN_ID_VAR] == "d" * 32 and plan.env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    assert plans.node_plan("d" * 32, ["ray", "start", "--address=head:6379", "--block"]).command[-1] == "--block"
+    monkeypatch.setenv("KUBERAY_GEN_RAY_START_CMD", "ray start --address=head:6379 --block")
+    assert plans.node_plan("d" * 32, []).command[2] == "exec ray start --address=head:6379 --block"
+    assert plans.node_plan("d" * 32, ["ray", "start", "--address=head:6379"]).command[-1] == "--block"
