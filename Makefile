@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve status test test-unit lint bench clean protos kuberay
+.PHONY: setup serve status test test-unit test-service lint bench clean protos kuberay
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -52,10 +52,17 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
-# not share a machine-wide Ray session with the integration tests' cluster.
+# not share a machine-wide Ray session with the integration tests' cluster. The service tests
+# (marked `service`) are `make test-service`: eight `make serve` starts and stops, 8 min on a quiet
+# 2-core machine, beyond make test's budget.
 test: setup lint
 	$(PY) -m pytest -q tests/unit tests/integration
-	$(PY) -m pytest -q tests/e2e
+	$(PY) -m pytest -q -m "not service" tests/e2e
+
+# `make serve` as a service (tests/e2e/test_service.py; README "Starting and stopping"): every
+# signal to every process of it, a crash, leftovers, a foreign port holder; the systemd unit's command.
+test-service: setup
+	$(PY) -m pytest -q -m service tests/e2e
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

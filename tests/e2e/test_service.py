@@ -34,7 +34,7 @@ from supervise import procs
 from tests.e2e.make_serve import Run, Stream, answers_200, start, still_alive, wait_stopped
 from tests.harness import ROOT, free_port, serve_config_on, serve_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(600)]
 
 STOP_TIMEOUT_S = 30  # the default drain bound
 # The documented bound on a stop: the drain bound, then killing what is left and checking the ports.
