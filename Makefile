@@ -53,8 +53,8 @@ lint: setup
 
 # Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
 # not share a machine-wide Ray session with the integration tests' cluster. The service tests
-# (marked `service`) are `make test-service`: eight `make serve` starts and stops, 8 min on a quiet
-# 2-core machine, beyond make test's budget.
+# (marked `service`) are `make test-service`: seven `make serve` starts and stops and two Ray heads,
+# about 8.5 min on a quiet 2-core machine, beyond make test's budget.
 test: setup lint
 	$(PY) -m pytest -q tests/unit tests/integration
 	$(PY) -m pytest -q -m "not service" tests/e2e

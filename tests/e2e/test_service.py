@@ -3,7 +3,8 @@ forwards it to its one child, the supervisor's foreground process; the superviso
 Ctrl-C, SIGKILL of its whole process group, or a crash of its supervisor, nothing of the run is left
 (every process recorded when it was ready is gone, none carries its run id, its ports are free), and
 the next `make serve` on the same ports becomes ready. A start beside a foreign process holding a
-port refuses, names it, and leaves it alone.
+port refuses, names it, and leaves it alone. The systemd unit's command and the container command
+(KubeRay's) stop on SIGTERM the same way.
 
 The tests run in file order on one set of ports: each test's start is the "next start" of the one
 before it. The first runs the shipped config (ports moved): a streamed completion from vLLM's engine is
@@ -191,21 +192,28 @@ def test_a_port_held_by_another_process_refuses_the_start_and_leaves_it_alone(se
         holder.wait()
 
 
+RAY_PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
+
+
+def _ray_start_args() -> tuple[str, list[str]]:
+    """A Ray temp dir of its own (short enough for Ray's unix sockets, 107 bytes) and `ray start` flags
+    putting every port Ray would otherwise take at a fixed number on a free one."""
+    temp_dir = tempfile.mkdtemp(prefix="rayinfer-")
+    return temp_dir, [f"{flag}={free_port()}" for flag in RAY_PORT_FLAGS] + [f"--temp-dir={temp_dir}"]
+
+
 def test_the_systemd_units_command_deploys_and_stops_like_make_serve(setting, tmp_path):
     """`python -m supervise head` (deploy/systemd/rayinfer.service's ExecStart): `ray start --head`,
     `serve deploy`, ready; systemd's SIGTERM to it drains (`serve shutdown`), then nothing is left."""
-    flags = (
-        "--port",
-        "--dashboard-port",
-        "--ray-client-server-port",
-        "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port",
-        "--runtime-env-agent-port",
-        "--metrics-export-port",
-    )
-    # Its own Ray temp dir, short enough for Ray's unix sockets (107 bytes).
-    temp_dir = tempfile.mkdtemp(prefix="rayinfer-")
-    ray_args = [f"{flag}={free_port()}" for flag in flags] + [f"--temp-dir={temp_dir}"]
+    temp_dir, ray_args = _ray_start_args()
     unit = (ROOT / "deploy/systemd/rayinfer.service").read_text()
     # The unit's own environment, but for its paths (this checkout's state dir, the test's home).
     unit_env = dict(
@@ -242,6 +250,54 @@ def test_the_systemd_units_command_deploys_and_stops_like_make_serve(setting, tm
     run.supervisor = supervisor
     since = time.monotonic()
     front.send_signal(signal.SIGTERM)  # what `systemctl stop` does with KillMode=mixed
+    wait_stopped(run, STOP_BOUND_S, since)
+    assert front.returncode == 0, log.read_text()[-3000:]
+    assert "SIGTERM: draining" in log.read_text()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_the_container_command_runs_kuberays_ray_start_and_stops_on_sigterm(setting, tmp_path):
+    """`python -m supervise node`, every Ray container's command in deploy/kuberay/ and deploy/Dockerfile,
+    with a `ray start` as KubeRay generates it in KUBERAY_GEN_RAY_START_CMD (shell text: quoted JSON
+    resources): the node starts, and the pod's SIGTERM to it (PID 1's) stops it; nothing is left."""
+    temp_dir, ray_args = _ray_start_args()
+    gcs = int(ray_args[0].split("=")[1])
+    generated = f"ray start --head --num-cpus=1 --resources='{{\"pod\": 1}}' {' '.join(ray_args)} --block"
+    env = {
+        **setting["env"],
+        "KUBERAY_GEN_RAY_START_CMD": generated,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # `ray` as the image's PATH has it
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_agent_register_timeout_ms": "120000",
+    }
+    log = tmp_path / "node.log"
+    with log.open("w") as out:
+        front = subprocess.Popen(
+            [sys.executable, "-m", "supervise", "node"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    setting["started"].append(front)
+    deadline = time.monotonic() + 300
+    while "Ray runtime started" not in log.read_text():
+        assert front.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.5)  # polling the run's log
+    [supervisor] = psutil.Process(front.pid).children()
+    run_id = supervisor.environ()[procs.RUN_ID_VAR]
+    members = procs.run_members(run_id, supervisor.pid)
+    # bash exec'd KubeRay's command: `ray start` itself is the supervisor's child.
+    [child] = supervisor.children()
+    assert child.cmdline()[1].endswith("/ray") and child.cmdline()[2] == "start", child.cmdline()
+    assert any("raylet" in " ".join(p.cmdline()) for p in members)
+    tree = [psutil.Process(front.pid), supervisor, *members]
+    run = Run(front, log, [gcs], run_id=run_id, tree=tree)
+    run.supervisor = supervisor
+    since = time.monotonic()
+    front.send_signal(signal.SIGTERM)  # what the kubelet does to a container's PID 1
     wait_stopped(run, STOP_BOUND_S, since)
     assert front.returncode == 0, log.read_text()[-3000:]
     assert "SIGTERM: draining" in log.read_text()
