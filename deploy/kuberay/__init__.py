@@ -26,6 +26,15 @@ RAY_VERSION = "2.60.0"  # pyproject.toml's ray[serve] pin (tests/unit/test_kuber
 IMAGE = {"cpu": f"rayinfer:0.1.0-ray{RAY_VERSION}-py311", "gpu": f"rayinfer:0.1.0-ray{RAY_VERSION}-py311-gpu"}
 APP_LABELS = {"app.kubernetes.io/name": "rayinfer", "app.kubernetes.io/part-of": "rayinfer"}
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 9000, 8080
+# Every Ray container runs rayinfer's supervisor around KubeRay's generated `ray start` (supervise/, README
+# "Starting and stopping"): with this annotation on the RayService (KubeRay copies it to the RayCluster) KubeRay
+# keeps the container's command and passes its own `ray start ...` in KUBERAY_GEN_RAY_START_CMD. On the pod's
+# SIGTERM the supervisor stops the node within STOP_TIMEOUT_S, then kills what is left and checks it is gone;
+# the pod's grace period leaves it GRACE_S in all, as the systemd unit's TimeoutStopSec does.
+ANNOTATIONS = {"ray.io/overwrite-container-cmd": "true"}
+COMMAND = ["python", "-m", "supervise", "node"]
+STOP_TIMEOUT_S = 30
+GRACE_S = STOP_TIMEOUT_S + 15
 # The serving pods' readiness: the ingress answers through this pod's Serve proxy. Not /readyz: that is
 # false while any one model is down, and would take every pod, and so every model, out of the Service.
 READINESS = {
@@ -95,8 +104,9 @@ def gpus(config: dict) -> tuple[int, int, int]:
 
 
 def _env() -> list[dict[str, str]]:
-    """The serving environment (app/environment.py) every Ray node starts with."""
-    return [{"name": k, "value": v} for k, v in SERVE_ENV.items()]
+    """The serving environment (app/environment.py) every Ray node starts with, and the supervisor's stop bound."""
+    env = {**SERVE_ENV, "RAYINFER_STOP_TIMEOUT_S": str(STOP_TIMEOUT_S)}
+    return [{"name": k, "value": v} for k, v in env.items()]
 
 
 def _ports(head: bool) -> list[dict[str, Any]]:
@@ -114,7 +124,7 @@ def _ports(head: bool) -> list[dict[str, Any]]:
 def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0, head: bool = False) -> dict:
     resources: dict[str, dict[str, Any]] = {"requests": {"cpu": cpu, "memory": memory}}
     resources["limits"] = {**resources["requests"], **({"nvidia.com/gpu": gpus} if gpus else {})}
-    container: dict[str, Any] = {"name": name, "image": image, "env": _env(), "ports": _ports(head)}
+    container: dict[str, Any] = {"name": name, "image": image, "command": COMMAND, "env": _env(), "ports": _ports(head)}
     container["resources"] = resources
     if not head:
         # The head gets KubeRay's own probes: KubeRay deploys Serve only once the head is ready, so
@@ -125,7 +135,7 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0, head
 
 
 def _pod(container: dict, component: str, gpu: bool = False) -> dict:
-    spec: dict[str, Any] = {"containers": [container]}
+    spec: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": GRACE_S}
     if gpu:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     return {"metadata": {"labels": {**APP_LABELS, "app.kubernetes.io/component": component}}, "spec": spec}
@@ -173,7 +183,7 @@ def rayservice(profile: Profile) -> dict:
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": {"name": name, "labels": APP_LABELS},
+        "metadata": {"name": name, "labels": APP_LABELS, "annotations": ANNOTATIONS},
         "spec": {
             # A changed serveConfigV2 is applied in place, replica by replica (Serve's rolling update).
             # A changed rayClusterConfig (image, resources) starts a new cluster beside the old one and

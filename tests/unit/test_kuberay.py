@@ -14,6 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from app.environment import SERVE_ENV
 from deploy import kuberay
+from supervise.__main__ import parse
 from tests.helpers import ROOT
 
 DATA = ROOT / "tests" / "data"
@@ -135,6 +136,21 @@ def test_each_rayservice_serves_its_serve_config_on_the_pinned_ray(profile):
         assert {e["name"]: e["value"] for e in container["env"]}.items() >= SERVE_ENV.items()  # every node
         if template["metadata"]["labels"]["app.kubernetes.io/component"] != "head":
             assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+
+
+@pytest.mark.parametrize("profile", kuberay.PROFILES, ids=lambda p: p.name)
+def test_every_ray_container_runs_the_supervisor_around_kuberays_ray_start(profile):
+    manifest = generated()[f"rayservice.{profile.name}.yaml"]
+    # Without the annotation KubeRay would replace the command with its own `ray start`.
+    assert manifest["metadata"]["annotations"] == {"ray.io/overwrite-container-cmd": "true"}
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    for template, container in pods(manifest):
+        assert container["command"] == ["python", "-m", "supervise", "node"]
+        assert f"CMD {json.dumps(container['command'])}" in dockerfile  # `docker run` gets the same
+        assert parse(container["command"][3:]).mode == "node"
+        env = {e["name"]: e["value"] for e in container["env"]}
+        # The pod's grace period covers the supervisor's drain and the kill after it.
+        assert float(env["RAYINFER_STOP_TIMEOUT_S"]) + 10 <= template["spec"]["terminationGracePeriodSeconds"]
 
 
 def test_the_gpu_profile_has_a_gpu_worker_group_for_every_gpu_replica():
