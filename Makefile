@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve status test test-unit lint bench clean protos kuberay
+.PHONY: setup serve status test test-unit lint bench clean protos kuberay tools
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -49,9 +49,15 @@ lint: setup
 
 # Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
 # not share a machine-wide Ray session with the integration tests' cluster.
-test: setup lint
-	$(PY) -m pytest -q tests/unit tests/integration
-	$(PY) -m pytest -q tests/e2e
+# Nothing skips silently: a missing Prometheus stops here (tests/integration/test_prometheus.py needs it),
+# and -rs prints every skip's reason (only the `gpu` tests skip, without CUDA).
+test: setup lint tools
+	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu
+	$(PY) -m pytest -q -rs tests/e2e
+
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ echo "make test needs prometheus and promtool: apt-get install prometheus (.ci/run does)"; exit 1; }
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
