@@ -34,6 +34,8 @@ def prometheus_installed():
     missing = [tool for tool in ("prometheus", "promtool") if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"{' and '.join(missing)} not on PATH: apt-get install prometheus (Debian's package has both)")
+
+
 LM = "SmolLM2-135M-Instruct"
 GPU_ONLY = ("ray_node_gpus_utilization", "ray_node_gram_used")
 # What Grafana substitutes; "All" for a multi-value variable is the regex .*
