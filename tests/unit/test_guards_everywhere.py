@@ -77,10 +77,10 @@ def ingress(limit: int = 100) -> Any:
         ],
         max_inflight_requests=limit,
     )
-    wrapper = Ingress.func_or_class  # Serve's ASGI wrapper around the class app/ingress.py defines
-    replica = wrapper.__new__(wrapper)
+    # The class app/ingress.py defines, under Serve's ASGI wrapper (whose own set-up needs a replica).
+    wrapper = Ingress.func_or_class
     own = next(c for c in wrapper.__mro__[1:] if c.__module__ == "app.ingress" and c.__name__ == "Ingress")
-    own.__init__(replica, config, {"emb": StubHandle(), "lm": StubHandle()})
+    replica = own(config, {"emb": StubHandle(), "lm": StubHandle()})
     replica.api_keys = (KEY.encode(),)
     return replica
 
