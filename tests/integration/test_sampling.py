@@ -82,8 +82,8 @@ def drawn(serve_url: str):
 
 
 def mismatches(seen: Counter[str], want: dict[str, float]) -> list[tuple]:
-    """The texts with probability >= 0.05 drawn further than 4 standard errors (plus 0.02: the server's bf16
-    against the reference's float32 logits) from their probability."""
+    """The texts with probability >= 0.05 drawn further than 4 standard errors (plus 0.02: the server's kernels
+    against transformers' logits) from their probability."""
     total = sum(seen.values())
     checked = {text: p for text, p in want.items() if p >= 0.05}
     assert len(checked) >= 2
@@ -104,7 +104,7 @@ def test_draws_follow_the_softmax_at_the_temperature_asked(drawn, logits, temper
 
 def test_top_p_draws_only_from_the_nucleus_renormalised(drawn, logits):
     # At T=1, " the" + " that" hold 0.41 and with " it" 0.52: top_p 0.45 keeps those three (the cut is
-    # far from both masses, so bf16 cannot move it) and leaves 48% of the mass out.
+    # far from both masses, so numerical differences cannot move it) and leaves 48% of the mass out.
     want = reference(logits, 1.0, 0.45)
     assert set(want) == {" the", " that", " it"}
     seen = drawn(1.0, 0.45)
