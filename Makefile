@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve status test test-unit test-service lint bench clean protos kuberay
+.PHONY: setup serve status test test-unit test-service lint bench clean protos kuberay tools
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -55,14 +55,20 @@ lint: setup
 # not share a machine-wide Ray session with the integration tests' cluster. The service tests
 # (marked `service`) are `make test-service`: seven `make serve` starts and stops and two Ray heads,
 # about 8.5 min on a quiet 2-core machine, beyond make test's budget.
-test: setup lint
-	$(PY) -m pytest -q tests/unit tests/integration
-	$(PY) -m pytest -q -m "not service" tests/e2e
+# Nothing skips silently: a missing Prometheus stops here (tests/integration/test_prometheus.py needs it),
+# and -rs prints every skip's reason (only the `gpu` tests skip, without CUDA).
+test: setup lint tools
+	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu
+	$(PY) -m pytest -q -rs -m "not service" tests/e2e
 
 # `make serve` as a service (tests/e2e/test_service.py; README "Starting and stopping"): every
 # signal to every process of it, a crash, leftovers, a foreign port holder; the systemd unit's command.
 test-service: setup
-	$(PY) -m pytest -q -m service tests/e2e
+	$(PY) -m pytest -q -rs -m service tests/e2e
+
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ echo "make test needs prometheus and promtool: apt-get install prometheus (.ci/run does)"; exit 1; }
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -73,7 +73,8 @@ class Ingress(GRPCInferenceServicer):
 
     async def model_stats(self, name: str) -> dict[str, int]:
         """Batch counters of a model this replica holds (`placement: ingress`): batches, jobs, the
-        largest batch, the most batches computing at once."""
+        largest batch, the most batches computing at once, and the batches in which a refused job sat
+        beside computed ones."""
         return dict(self.local[name].batches.stats)
 
     async def check_health(self) -> None:

@@ -35,7 +35,8 @@ class EmbedBatches:
             max_input_tokens=model.max_tokens,
             vocab_size=model.vocab_size,
         )
-        self.stats = {"batches": 0, "jobs": 0, "max_jobs_per_batch": 0, "max_batches_in_flight": 0}
+        # mixed_batches: batches in which a job was refused (a client error) and others were computed.
+        self.stats = {"batches": 0, "jobs": 0, "max_jobs_per_batch": 0, "max_batches_in_flight": 0, "mixed_batches": 0}
         self._in_flight = 0
         self._metrics = metrics.model()
         self._tags = metrics.phase_tags(cfg.name, ("queue", "tokenize", "inference"))
@@ -69,6 +70,8 @@ class EmbedBatches:
         except ReplicaLost as lost:  # a pipeline stage died under the batch: the good jobs may run again
             return [p if isinstance(p, RayInferError) else lost for p in prepared]
         self._record(flat, tokenized)
+        # Here some jobs were computed: any refused one shared their batch.
+        self.stats["mixed_batches"] += any(isinstance(p, RayInferError) for p in prepared)
         results: list[Result] = []
         offset = 0
         for p in prepared:

@@ -2,12 +2,14 @@
 steady traffic: a rolling update fails no request, a SIGKILLed model replica loses none,
 /readyz goes false while a model has no replica and back, autoscaling goes up and down.
 
-One cluster for the module; the tests run in file order and each leaves it healthy.
+One cluster for the module; each test deploys the config it starts from (a no-op when the cluster
+already runs it) and waits until it is settled, so none depends on another's side effects or order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import signal
@@ -73,7 +75,16 @@ class Load:
         self.outcomes: list[Outcome] = []
         self._done = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.error: BaseException | None = None  # what killed the load thread, if anything did
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # re-raised in the test's thread by __exit__
+            self.error = exc
+            with self._done:
+                self._done.notify_all()
 
     def __enter__(self) -> Load:
         self._thread.start()
@@ -83,12 +94,17 @@ class Load:
         self._stop.set()
         self._thread.join(timeout=180)
         assert not self._thread.is_alive(), "a request did not finish within its timeout"
+        if self.error is not None:
+            raise RuntimeError("the load thread died") from self.error
 
     def wait_for(self, more: int, timeout_s: float = 120) -> None:
         """Block until `more` requests beyond those finished now have finished."""
         with self._done:
             target = len(self.outcomes) + more
-            assert self._done.wait_for(lambda: len(self.outcomes) >= target, timeout_s), (len(self.outcomes), target)
+            reached = self._done.wait_for(lambda: len(self.outcomes) >= target or self.error is not None, timeout_s)
+        if self.error is not None:
+            raise RuntimeError("the load thread died") from self.error
+        assert reached, (len(self.outcomes), target)
 
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if not o.ok]
@@ -108,7 +124,7 @@ class Load:
             start = time.monotonic()
             try:
                 ok, detail = await send(client, f"worker {worker} request {i}")
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # any exception is a failed request (a bad body, a JSON error, ...)
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
             with self._done:
                 self.outcomes.append(Outcome(kind, start, time.monotonic(), ok, detail))
@@ -179,30 +195,44 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def config(cluster):
+def base(cluster):
+    """The config the module's cluster starts from (its ports fixed for the module)."""
     config = base_config()
-    cluster.deploy(config)
-    # Maxima: a vLLM engine starts in ~30 s on an idle 2-core machine, minutes on a loaded one.
-    wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 1, GENERATOR: 1}), timeout=900, retry_interval_ms=500)
+    deployed(cluster, config, **{EMBEDDER: 1, GENERATOR: 1})
     return config
 
 
-@pytest.fixture(scope="module")
-def url(config):
-    return f"http://127.0.0.1:{config['http_options']['port']}"
-
-
-def test_a_rolling_update_under_load_fails_no_request(cluster, config, url):
-    old_generator = {r["replica_id"] for r in cluster.replicas(GENERATOR)}
-    # Batching parameters, a replica count and the generator's settings change: every deployment
-    # whose arguments change (the ingress, both models) is replaced replica by replica.
+def updated(base: dict) -> dict:
+    """The rolling update's target: batching parameters, a replica count and the generator's settings
+    change, so every deployment whose arguments change (the ingress, both models) is replaced."""
+    config = copy.deepcopy(base)
     model_args(config, MODEL)["max_batch_size"] = 16
     model_args(config, LM)["stream_interval_s"] = 0.02
     deployment(config, EMBEDDER)["num_replicas"] = 2
+    return config
+
+
+def deployed(cluster: Cluster, config: dict, **replicas: int) -> None:
+    """Deploy `config` (Serve changes nothing if the cluster runs it already) and wait until settled."""
+    cluster.deploy(config)
+    # Maxima: a vLLM engine starts in ~30 s on an idle 2-core machine, minutes on a loaded one.
+    wait_for_condition(lambda: cluster.settled(**replicas), timeout=900, retry_interval_ms=500)
+
+
+@pytest.fixture(scope="module")
+def url(base):
+    return f"http://127.0.0.1:{base['http_options']['port']}"
+
+
+def test_a_rolling_update_under_load_fails_no_request(cluster, base, url):
+    deployed(cluster, base, **{EMBEDDER: 1, GENERATOR: 1})
+    names = ("Ingress", EMBEDDER, GENERATOR)
+    old = {name: {r["replica_id"] for r in cluster.replicas(name)} for name in names}
+    assert all(old.values()), old
     with Load(url, embed=4, complete=2, stream=2) as load:
         load.wait_for(20)
         started = time.monotonic()
-        cluster.deploy(config)
+        cluster.deploy(updated(base))
         wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 2, GENERATOR: 1}), timeout=900, retry_interval_ms=500)
         settled = time.monotonic()
         load.wait_for(20)
@@ -213,7 +243,8 @@ def test_a_rolling_update_under_load_fails_no_request(cluster, config, url):
         "0 failed"
     )
     assert {o.kind for o in during} == {"embed", "complete", "stream"}
-    assert not old_generator & {r["replica_id"] for r in cluster.replicas(GENERATOR)}, "the generator was replaced"
+    for name in names:  # each deployment whose arguments changed runs on new replicas only
+        assert not old[name] & {r["replica_id"] for r in cluster.replicas(name)}, f"{name} was not replaced"
 
 
 def _kill(cluster: Cluster, name: str) -> tuple[int, float]:
@@ -222,8 +253,9 @@ def _kill(cluster: Cluster, name: str) -> tuple[int, float]:
     return replica["pid"], time.monotonic()
 
 
-def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile(cluster, config, url):
-    replicas = {EMBEDDER: len(cluster.replicas(EMBEDDER)), GENERATOR: 1}
+def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile(cluster, base, url):
+    replicas = {EMBEDDER: 2, GENERATOR: 1}
+    deployed(cluster, updated(base), **replicas)  # two embedder replicas: one is killed, the other answers
     with httpx.Client(base_url=url, timeout=30) as client, Load(url, embed=4, complete=2) as load:
         load.wait_for(20)
         embedder_pid, embedder_killed = _kill(cluster, EMBEDDER)  # one of two: the other one answers
@@ -250,7 +282,8 @@ def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile
     assert generator_pid not in {r["pid"] for r in cluster.replicas(GENERATOR)}
 
 
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(cluster, config, url):
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(cluster, base, url):
+    config = updated(base)
     embedder = deployment(config, EMBEDDER)
     del embedder["num_replicas"]
     # Short delays so the test sees both directions in about a minute; the shipped GPU profile
@@ -265,9 +298,10 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(cluster, con
         "metrics_interval_s": 0.5,
         "look_back_period_s": 2,
     }
-    cluster.deploy(config)
-    wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 1}), timeout=120, retry_interval_ms=500)
+    deployed(cluster, config, **{EMBEDDER: 1, GENERATOR: 1})
     with Load(url, embed=16) as load:
         wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 2}), timeout=120, retry_interval_ms=500)
+        load.wait_for(16)  # the load that scaled it up was served, not only sent
     wait_for_condition(lambda: cluster.settled(**{EMBEDDER: 1}), timeout=120, retry_interval_ms=500)
+    assert len(load.outcomes) >= 16 and {o.kind for o in load.outcomes} == {"embed"}
     assert not load.failures(), load.failures()[:5]

@@ -25,10 +25,17 @@ from app.core.metrics import LATENCY_BUCKETS_S
 from monitoring.build_dashboards import OUT as DASHBOARD
 from tests.helpers import MODEL, ROOT, free_port
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs the prometheus binary (.ci/run installs it)"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prometheus_installed():
+    """A missing Prometheus is a failure, never a silent skip (`make test` checks first; .ci/run installs it)."""
+    missing = [tool for tool in ("prometheus", "promtool") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not on PATH: apt-get install prometheus (Debian's package has both)")
+
+
 LM = "SmolLM2-135M-Instruct"
 GPU_ONLY = ("ray_node_gpus_utilization", "ray_node_gram_used")
 # What Grafana substitutes; "All" for a multi-value variable is the regex .*

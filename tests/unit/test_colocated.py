@@ -50,6 +50,26 @@ def test_a_bad_job_gets_its_own_error_and_its_batch_mates_their_vectors(referenc
     assert cosine(first.vectors, reference(["first text"])).min() >= 0.99999
     assert cosine(last.vectors, reference(["third", "fourth"])).min() >= 0.99999
     assert local.batches.stats["jobs"] == 3 and local.batches.stats["batches"] == 1
+    assert local.batches.stats["mixed_batches"] == 1  # the refused job sat beside computed ones
+    asyncio.run(local.embed_many(jobs[::2]))  # all good: not a mixed batch
+    assert local.batches.stats["mixed_batches"] == 1 and local.batches.stats["batches"] == 2
+
+
+def test_check_health_runs_a_real_forward_and_fails_on_an_unusable_vector():
+    local = _local()
+    forwards: list[list[list[int]]] = []
+    embed_ids = local.model.embed_ids
+
+    def counted(ids: list[list[int]], *args: object) -> np.ndarray:
+        forwards.append(ids)
+        return embed_ids(ids, *args)
+
+    local.model.embed_ids = counted  # type: ignore[method-assign]
+    asyncio.run(local.check_health())
+    assert len(forwards) == 1 and len(forwards[0]) == 1  # one text through the model
+    local.model.embed_ids = lambda ids, *args: np.full((len(ids), 384), np.nan, dtype=np.float32)  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="unusable"):
+        asyncio.run(local.check_health())
 
 
 def test_two_batches_compute_at_once_each_on_its_own_thread():

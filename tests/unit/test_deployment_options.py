@@ -86,9 +86,17 @@ def test_what_each_deployment_of_the_pipeline_demos_gets():
     assert _table(effective(_app_config("serve_config.pipeline.yaml"))) == {
         "Ingress": (1, 512, 1024, 0),
         "Embedder-all-MiniLM-L6-v2-pipeline": (1, 64, 512, 0),
-        "Stage0-all-MiniLM-L6-v2-pipeline": (1, 8, -1, 0),
-        "Stage1-all-MiniLM-L6-v2-pipeline": (1, 8, -1, 0),
+        "Stage0-all-MiniLM-L6-v2-pipeline": (1, 8, 64, 0),
+        "Stage1-all-MiniLM-L6-v2-pipeline": (1, 8, 64, 0),
     }
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.pipeline.yaml", "serve_config.gpu.yaml"])
+def test_every_deployment_bounds_its_queue_and_says_when_to_retry(path):
+    """README Reliability: Serve's own 503s (a full queue) carry Retry-After, on every deployment built."""
+    for name, options in effective(_app_config(path)).items():
+        assert options["max_queued_requests"] > 0, (path, name)
+        assert options.get("backpressure_config", {}).get("retry_after_s", 0) >= 1, (path, name)
 
 
 def test_what_each_deployment_of_the_shipped_config_gets():

@@ -113,3 +113,44 @@ def test_cancelled_waiter_is_not_sent():
         assert (await first, await kept) == ("result:a", "result:kept")
 
     run(scenario())
+
+
+def test_never_more_batches_out_than_max_inflight():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=lambda j: 1, max_items=100, max_inflight=2)
+        jobs = [asyncio.ensure_future(batcher.submit("a")), asyncio.ensure_future(batcher.submit("b"))]
+        await sender.wait_batches(2)  # two slots: each went at once, alone
+        jobs += [asyncio.ensure_future(batcher.submit(x)) for x in "cd"]
+        await asyncio.sleep(0)  # let them enqueue (a yield, not a timing wait)
+        assert len(sender.batches) == 2, "a third batch went out while two were out"
+        sender.gates[0].set()
+        await sender.wait_batches(3)
+        assert sender.batches == [["a"], ["b"], ["c", "d"]]
+        for gate in sender.gates[1:]:
+            gate.set()
+        assert [await j for j in jobs] == ["result:a", "result:b", "result:c", "result:d"]
+
+    run(scenario())
+
+
+def test_the_registry_keeps_one_batch_more_out_than_the_model_computes_at_once():
+    """README Architecture: concurrent_batches × RUNNING replicas, plus one; in the ingress, concurrent_batches + 1."""
+    from app.config import AppConfig, ModelConfig
+    from app.core.registry import ModelRegistry
+
+    class Handle:
+        def options(self, **_):
+            return self
+
+        async def embed_many(self, jobs):
+            raise AssertionError("not called")
+
+    replica = ModelConfig(name="r", task="embed", source="unused", concurrent_batches=2)
+    local = ModelConfig(name="l", task="embed", source="unused", concurrent_batches=3, placement="ingress")
+    registry = ModelRegistry(AppConfig(models=[replica, local]), {"r": Handle()}, {"l": Handle()})
+    assert registry._batchers["r"].max_inflight == 2 * 1 + 1
+    assert registry._batchers["l"].max_inflight == 3 + 1
+    registry.scale_batchers({replica.deployment_name: 3, local.deployment_name: 5})
+    assert registry._batchers["r"].max_inflight == 2 * 3 + 1
+    assert registry._batchers["l"].max_inflight == 3 + 1  # the ingress's own copy: replicas do not matter
