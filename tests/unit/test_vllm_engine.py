@@ -31,7 +31,7 @@ def test_the_default_model_runs_as_configured_on_one_process():
     kwargs = engine_kwargs(cfg, "/m")
     assert {k: kwargs[k] for k in ("model", "dtype", "max_model_len", "max_num_seqs", "enforce_eager")} == {
         "model": "/m",
-        "dtype": "bfloat16",
+        "dtype": "float32",
         "max_model_len": 2048,
         "max_num_seqs": 32,
         "enforce_eager": True,
