@@ -32,16 +32,21 @@ TITLE = "rayinfer"
 DESCRIPTION = "Model serving on Ray Serve: OpenAI-compatible (/v1) and Open Inference Protocol v2 (/v2)."
 
 
+def error_bodies() -> ErrorBodies:
+    """Each prefix's error body: OpenAI's under /v1 (and anywhere else), OIP's under /v2."""
+    return ErrorBodies(
+        {openai_routes.PREFIX: openai_routes.ERROR_BODY, oip_routes.PREFIX: oip_routes.ERROR_BODY},
+        default=openai_routes.ERROR_BODY,
+    )
+
+
 def make_api(
     config: AppConfig, registry: ModelRegistry, inflight: InflightGate, api_keys: tuple[bytes, ...]
 ) -> FastAPI:
     """The HTTP app of one ingress replica, over its registry, in-flight gate and API keys."""
     api = FastAPI(title=TITLE, version="0.1.0", description=DESCRIPTION)
     api.state.registry = registry
-    bodies = ErrorBodies(
-        {openai_routes.PREFIX: openai_routes.ERROR_BODY, oip_routes.PREFIX: oip_routes.ERROR_BODY},
-        default=openai_routes.ERROR_BODY,
-    )
+    bodies = error_bodies()
     for router in (openai_routes.router, oip_routes.router, health.router):
         api.include_router(router)
     # Added innermost first: metrics → API key → in-flight bound → body limit → binary tensors → route.
