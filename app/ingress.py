@@ -19,7 +19,13 @@ from app.core.guard import InflightGate, load_api_keys
 from app.core.registry import ModelRegistry
 from app.http import health
 from app.http.errors import ErrorBodies, install_error_handlers
-from app.http.middleware import AuthMiddleware, BodyLimitMiddleware, InflightLimitMiddleware, MetricsMiddleware
+from app.http.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    DeadlineMiddleware,
+    InflightLimitMiddleware,
+    MetricsMiddleware,
+)
 from app.oip.grpc.servicer import GRPCInferenceServicer
 from app.oip.rest import routes as oip_routes
 from app.oip.rest.binary import BinaryTensorMiddleware
@@ -49,11 +55,12 @@ def make_api(
     bodies = error_bodies()
     for router in (openai_routes.router, oip_routes.router, health.router):
         api.include_router(router)
-    # Added innermost first: metrics → API key → in-flight bound → body limit → binary tensors → route.
+    # Added innermost first: metrics → deadline → API key → in-flight bound → body limit → binary tensors → route.
     api.add_middleware(BinaryTensorMiddleware, bodies=bodies)
     api.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes, bodies=bodies)
     api.add_middleware(InflightLimitMiddleware, gate=inflight, bodies=bodies)
     api.add_middleware(AuthMiddleware, keys=api_keys, bodies=bodies)
+    api.add_middleware(DeadlineMiddleware)
     api.add_middleware(MetricsMiddleware)  # outermost: it also times the guards' 401s, 413s and 503s
     install_error_handlers(api, bodies)
     return api

@@ -21,6 +21,7 @@ from typing import Any
 from ray import serve
 
 from app.config import ModelConfig
+from app.core.deadline import exceeded, expired
 from app.core.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.engine_stats import EngineStats
 from deployments.types import GenerateChunk, GenerateJob, ModelInfo, TokenLogprob
@@ -61,6 +62,7 @@ class Generator:
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
         self._last_output = time.monotonic()
+        self.expired = 0  # jobs dropped because their deadline passed before their first token
         logger.info(
             "Generator %s: vLLM engine on %s, context %d, dtype %s", cfg.name, root, self.context, model_config.dtype
         )
@@ -85,10 +87,14 @@ class Generator:
     async def stats(self) -> dict[str, int]:
         """Engine steps, tokens generated, sequences running and waiting (last step), the most run at once,
         and requests not finished in the engine's frontend (queued, running or in transit)."""
-        return {**self.stats_sink.counts, "unfinished": self.engine.get_num_unfinished_requests()}
+        counts = self.stats_sink.counts
+        return {**counts, "unfinished": self.engine.get_num_unfinished_requests(), "expired": self.expired}
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[list[GenerateChunk] | RayInferError]:
         """Stream the job's chunks; a client error is the first and only item, as a value."""
+        if expired(job.deadline):  # it waited past its deadline in a queue: the engine never sees it
+            yield self._expired()
+            return
         seqs = self._prepare(job)
         if isinstance(seqs, RayInferError):
             yield seqs
@@ -105,8 +111,13 @@ class Generator:
         running, last_yield = len(seqs), 0.0  # the first chunk leaves at once: time to first token is not delayed
         loop = asyncio.get_running_loop()
         try:
+            first = await self._first(queue, job.deadline)
+            if first is None:  # no token before the deadline: aborted in the engine (finally, below)
+                yield self._expired()
+                return
             while running:
-                items = [await queue.get()]
+                items = [first] if first is not None else [await queue.get()]
+                first = None
                 # Tokens arriving within stream_interval_s of the last chunk ride with the next one:
                 # fewer, larger messages through the handle, the ingress and the client.
                 wait = last_yield + self.cfg.stream_interval_s - loop.time()
@@ -127,6 +138,20 @@ class Generator:
             for task in tasks:  # the caller left (disconnect, deadline) or the job ended: nothing runs for nobody
                 task.cancel()
             await self.engine.abort(ids)
+
+    def _expired(self) -> RayInferError:
+        self.expired += 1
+        return exceeded("generate_queue", self.cfg.name)
+
+    @staticmethod
+    async def _first(queue: asyncio.Queue, deadline: float | None) -> GenerateChunk | RayInferError | None:
+        """The job's first item, or None if its deadline passes first."""
+        if deadline is None:
+            return await queue.get()
+        try:
+            return await asyncio.wait_for(queue.get(), max(0.0, deadline - time.time()))
+        except asyncio.TimeoutError:
+            return None
 
     async def _pump(self, request_id: str, index: int, prompt: list[int], params: Any, queue: asyncio.Queue) -> None:
         """One sequence's engine outputs into the job's queue as chunks."""

@@ -109,6 +109,17 @@ def model() -> ModelMetrics:
     return ModelMetrics()
 
 
+@functools.cache
+def expired() -> Any:
+    """Work dropped before the model ran it because its deadline had passed (app/core/deadline.py)."""
+    return metrics.Counter(
+        "rayinfer_expired_requests_total",
+        description="Requests (or jobs) dropped before the model ran them because their deadline had passed, "
+        "by where they waited: edge_batch, embed_batch, generate_queue.",
+        tag_keys=tag_keys("stage", "model"),
+    )
+
+
 class IngressMetrics:
     def __init__(self):
         self.latency = metrics.Histogram(
