@@ -62,7 +62,10 @@ class Generator:
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
         self._last_output = time.monotonic()
-        self.expired = 0  # jobs dropped because their deadline passed before their first token
+        # Jobs stopped by their deadline: before their first token (generate_queue: the engine never
+        # ran them, or aborted them while queued) or while generating (generate_running).
+        self.expired: dict[str, int] = {}
+        self.submitted = 0  # sequences of jobs handed to the engine (health probes not counted)
         logger.info(
             "Generator %s: vLLM engine on %s, context %d, dtype %s", cfg.name, root, self.context, model_config.dtype
         )
@@ -86,9 +89,12 @@ class Generator:
 
     async def stats(self) -> dict[str, int]:
         """Engine steps, tokens generated, sequences running and waiting (last step), the most run at once,
-        and requests not finished in the engine's frontend (queued, running or in transit)."""
+        requests not finished in the engine's frontend (queued, running or in transit), sequences submitted,
+        and jobs stopped by their deadline (expired_generate_queue, expired_generate_running)."""
         counts = self.stats_sink.counts
-        return {**counts, "unfinished": self.engine.get_num_unfinished_requests(), "expired": self.expired}
+        expired = {f"expired_{stage}": n for stage, n in self.expired.items()}
+        unfinished = self.engine.get_num_unfinished_requests()
+        return {**counts, "unfinished": unfinished, "submitted": self.submitted, **expired}
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[list[GenerateChunk] | RayInferError]:
         """Stream the job's chunks; a client error is the first and only item, as a value."""
@@ -105,19 +111,19 @@ class Generator:
         queue: asyncio.Queue[GenerateChunk | RayInferError] = asyncio.Queue()
         rid = uuid.uuid4().hex
         ids = [f"{rid}-{i}" for i in range(len(seqs))]
+        self.submitted += len(seqs)
         tasks = [
             asyncio.create_task(self._pump(ids[i], i, prompt, params, queue)) for i, (prompt, params) in enumerate(seqs)
         ]
         running, last_yield = len(seqs), 0.0  # the first chunk leaves at once: time to first token is not delayed
         loop = asyncio.get_running_loop()
         try:
-            first = await self._first(queue, job.deadline)
-            if first is None:  # no token before the deadline: aborted in the engine (finally, below)
-                yield self._expired()
-                return
             while running:
-                items = [first] if first is not None else [await queue.get()]
-                first = None
+                item = await self._next(queue, job.deadline)
+                if item is None:  # the deadline passed: aborted in the engine (finally, below)
+                    yield self._expired("generate_running" if last_yield else "generate_queue")
+                    return
+                items = [item]
                 # Tokens arriving within stream_interval_s of the last chunk ride with the next one:
                 # fewer, larger messages through the handle, the ingress and the client.
                 wait = last_yield + self.cfg.stream_interval_s - loop.time()
@@ -139,13 +145,13 @@ class Generator:
                 task.cancel()
             await self.engine.abort(ids)
 
-    def _expired(self) -> RayInferError:
-        self.expired += 1
-        return exceeded("generate_queue", self.cfg.name)
+    def _expired(self, stage: str = "generate_queue") -> RayInferError:
+        self.expired[stage] = self.expired.get(stage, 0) + 1
+        return exceeded(stage, self.cfg.name)
 
     @staticmethod
-    async def _first(queue: asyncio.Queue, deadline: float | None) -> GenerateChunk | RayInferError | None:
-        """The job's first item, or None if its deadline passes first."""
+    async def _next(queue: asyncio.Queue, deadline: float | None) -> GenerateChunk | RayInferError | None:
+        """The job's next item, or None if its deadline passes first."""
         if deadline is None:
             return await queue.get()
         try:

@@ -115,7 +115,8 @@ def expired() -> Any:
     return metrics.Counter(
         "rayinfer_expired_requests_total",
         description="Requests (or jobs) dropped before the model ran them because their deadline had passed, "
-        "by where they waited: edge_batch, embed_batch, generate_queue.",
+        "by where: edge_batch, embed_batch (waiting for a forward), generate_queue (before the first token), "
+        "generate_running (aborted while generating).",
         tag_keys=tag_keys("stage", "model"),
     )
 
