@@ -11,6 +11,9 @@ backend of the config Serve wrote:
 
 - `maxconn` per server: at most `RAYINFER_HAPROXY_MAXCONN` requests (HTTP requests or gRPC streams)
   inside one ingress replica at once;
+- for `/v1/embeddings` (idempotent), a retry on another replica when the replica dies under the
+  request before answering (`retry-on conn-failure empty-response`); other requests keep Ray's default
+  (retried only when never sent);
 - a short queue in HAProxy for the rest: up to `RAYINFER_HAPROXY_QUEUE` requests wait for a slot, each
   at most `RAYINFER_HAPROXY_QUEUE_TIMEOUT_MS`; past either, HAProxy itself answers 503 with
   `Retry-After` and the error body of the path's protocol (OpenAI's, OIP's under /v2), or gRPC's
@@ -93,6 +96,12 @@ def _http_rules(prefix: str, s: Shedding) -> list[str]:
         f"if {{ path {oip} }} or {{ path_beg {oip}/ }}",
         f"    http-request return status 503 {reply} if {{ queue() ge {s.queue} }}",
         f"    http-error status 503 {reply}",
+        # An ingress replica that dies under a request (SIGKILL, OOM) closes its connections: an
+        # embedding request that got no byte back runs again on another replica (idempotent); any
+        # other request is retried only when it was never sent (Ray's default, conn-failure).
+        f"    {MARK} a request a dead replica left unanswered: embeddings run again elsewhere",
+        "    retry-on conn-failure empty-response",
+        f"    http-request disable-l7-retry unless {{ path {prefix.rstrip('/')}/v1/embeddings }}",
     ]
 
 

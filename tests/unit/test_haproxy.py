@@ -122,6 +122,15 @@ def test_503_bodies_are_the_apps_own_for_each_protocols_paths(tmp_path, prefix):
     assert len(replies) == 2 and all("hdr Retry-After 2" in line for line in replies), replies
 
 
+@pytest.mark.parametrize("prefix", ["/", "/api"])
+def test_only_embeddings_run_again_when_a_replica_dies_under_them(tmp_path, prefix):
+    body = section(shed_config(ray_config(tmp_path, prefix=prefix), SHED), "http-rayinfer")
+    assert "    retry-on conn-failure empty-response" in body
+    assert f"    http-request disable-l7-retry unless {{ path {prefix.rstrip('/')}/v1/embeddings }}" in body
+    grpc = section(shed_config(ray_config(tmp_path), SHED), "grpc-rayinfer")
+    assert not any("empty-response" in line for line in grpc)  # gRPC keeps Ray's conn-failure only
+
+
 def test_grpc_answers_unavailable_with_retry_pushback(tmp_path):
     body = section(shed_config(ray_config(tmp_path), SHED), "grpc-rayinfer")
     shed_rule = next(line for line in body if "http-request return" in line)
