@@ -72,7 +72,8 @@ def serve_status(cluster: Cluster) -> str:
     ).stdout
 
 
-def test_a_gcs_killed_and_restarted_under_load_fails_no_request(tmp_path):
+def test_a_gcs_killed_and_restarted_under_load_fails_no_request(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("gcs")  # short: Ray's socket paths under it must fit in 107 bytes
     config = serve_config_on(free_port())  # the shipped config
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     with redis_server(tmp_path) as redis, ray_head(tmp_path, num_cpus=8, redis=redis) as head:
