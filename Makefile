@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve status test test-unit test-service lint bench clean protos kuberay tools
+.PHONY: setup serve status test test-unit test-service lint bench soak clean protos kuberay tools
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -88,6 +88,10 @@ protos: $(STAMP)
 # Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
 # (rayinfer vs vLLM's own OpenAI server, same model and client, at 1, 16 and 32 streams).
 # Not a test: no assertions on speed. Review artifacts/bench/{bench,generate}.md, then copy them into BENCHMARKS.md.
+# 10 minutes of mixed traffic at 70% of the measured capacity (README "Reliability"). Not a test.
+soak: setup
+	$(PY) -m benchmarks.soak
+
 bench: setup
 	$(PY) -m benchmarks.bench
 	$(PY) -m benchmarks.bench_generate

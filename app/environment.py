@@ -7,12 +7,22 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from app.core.metrics import RAY_SERVE_LATENCY_BUCKETS_MS
+
+# `rayinfer-haproxy`, installed beside this Python by `pip install` (pyproject.toml's scripts).
+HAPROXY_WRAPPER = Path(sys.executable).parent / "rayinfer-haproxy"
 
 SERVE_ENV: dict[str, str] = {
     # HAProxy forwards HTTP and gRPC straight to the ingress replicas instead of Serve's Python
     # proxy (measured faster: BENCHMARKS.md).
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Serve runs this as HAProxy: it bounds what HAProxy lets into each ingress replica and answers
+    # the excess itself, 503 + Retry-After within a bounded queue time (app/haproxy.py; its bounds
+    # come from RAYINFER_HAPROXY_MAXCONN, _QUEUE, _QUEUE_TIMEOUT_MS and _RETRY_AFTER_S when set).
+    "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
     # Ray's own request-latency histograms with buckets dense enough for a p99 (app/core/metrics.py).
     "RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS": RAY_SERVE_LATENCY_BUCKETS_MS,
 }

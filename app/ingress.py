@@ -19,7 +19,13 @@ from app.core.guard import InflightGate, load_api_keys
 from app.core.registry import ModelRegistry
 from app.http import health
 from app.http.errors import ErrorBodies, install_error_handlers
-from app.http.middleware import AuthMiddleware, BodyLimitMiddleware, InflightLimitMiddleware, MetricsMiddleware
+from app.http.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    DeadlineMiddleware,
+    InflightLimitMiddleware,
+    MetricsMiddleware,
+)
 from app.oip.grpc.servicer import GRPCInferenceServicer
 from app.oip.rest import routes as oip_routes
 from app.oip.rest.binary import BinaryTensorMiddleware
@@ -32,23 +38,29 @@ TITLE = "rayinfer"
 DESCRIPTION = "Model serving on Ray Serve: OpenAI-compatible (/v1) and Open Inference Protocol v2 (/v2)."
 
 
+def error_bodies() -> ErrorBodies:
+    """Each prefix's error body: OpenAI's under /v1 (and anywhere else), OIP's under /v2."""
+    return ErrorBodies(
+        {openai_routes.PREFIX: openai_routes.ERROR_BODY, oip_routes.PREFIX: oip_routes.ERROR_BODY},
+        default=openai_routes.ERROR_BODY,
+    )
+
+
 def make_api(
     config: AppConfig, registry: ModelRegistry, inflight: InflightGate, api_keys: tuple[bytes, ...]
 ) -> FastAPI:
     """The HTTP app of one ingress replica, over its registry, in-flight gate and API keys."""
     api = FastAPI(title=TITLE, version="0.1.0", description=DESCRIPTION)
     api.state.registry = registry
-    bodies = ErrorBodies(
-        {openai_routes.PREFIX: openai_routes.ERROR_BODY, oip_routes.PREFIX: oip_routes.ERROR_BODY},
-        default=openai_routes.ERROR_BODY,
-    )
+    bodies = error_bodies()
     for router in (openai_routes.router, oip_routes.router, health.router):
         api.include_router(router)
-    # Added innermost first: metrics → API key → in-flight bound → body limit → binary tensors → route.
+    # Added innermost first: metrics → deadline → API key → in-flight bound → body limit → binary tensors → route.
     api.add_middleware(BinaryTensorMiddleware, bodies=bodies)
     api.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes, bodies=bodies)
     api.add_middleware(InflightLimitMiddleware, gate=inflight, bodies=bodies)
     api.add_middleware(AuthMiddleware, keys=api_keys, bodies=bodies)
+    api.add_middleware(DeadlineMiddleware)
     api.add_middleware(MetricsMiddleware)  # outermost: it also times the guards' 401s, 413s and 503s
     install_error_handlers(api, bodies)
     return api

@@ -15,6 +15,7 @@ import numpy as np
 
 from app.config import ModelConfig
 from app.core import metrics
+from app.core.deadline import exceeded, expired
 from app.core.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.types import EmbedJob, EmbedResult, ModelInfo
 from models.embedding import EmbeddingModel
@@ -35,8 +36,17 @@ class EmbedBatches:
             max_input_tokens=model.max_tokens,
             vocab_size=model.vocab_size,
         )
-        # mixed_batches: batches in which a job was refused (a client error) and others were computed.
-        self.stats = {"batches": 0, "jobs": 0, "max_jobs_per_batch": 0, "max_batches_in_flight": 0, "mixed_batches": 0}
+        # jobs: every job received; expired: those dropped unrun (deadline passed); forwarded: inputs the model
+        # ran; mixed_batches: batches in which a job was refused (a client error) and others were computed.
+        self.stats = {
+            "batches": 0,
+            "jobs": 0,
+            "max_jobs_per_batch": 0,
+            "max_batches_in_flight": 0,
+            "mixed_batches": 0,
+            "expired": 0,
+            "forwarded": 0,
+        }
         self._in_flight = 0
         self._metrics = metrics.model()
         self._tags = metrics.phase_tags(cfg.name, ("queue", "tokenize", "inference"))
@@ -59,7 +69,7 @@ class EmbedBatches:
         self.stats["jobs"] += len(jobs)
         self.stats["max_jobs_per_batch"] = max(self.stats["max_jobs_per_batch"], len(jobs))
         start = time.perf_counter()
-        prepared = [self.prepare(job) for job in jobs]
+        prepared = [self._expired(job) or self.prepare(job) for job in jobs]
         flat = [ids for p in prepared if not isinstance(p, RayInferError) for ids in p]
         tokenized = time.perf_counter()
         self._metrics.phase.observe(tokenized - start, self._tags["tokenize"])
@@ -84,6 +94,7 @@ class EmbedBatches:
 
     async def _counted(self, flat: list[list[int]]) -> np.ndarray:
         self._in_flight += 1
+        self.stats["forwarded"] += len(flat)
         self.stats["max_batches_in_flight"] = max(self.stats["max_batches_in_flight"], self._in_flight)
         try:
             return await self.forward(flat)
@@ -95,6 +106,13 @@ class EmbedBatches:
         m.phase.observe(time.perf_counter() - tokenized, self._tags["inference"])
         m.batch_size.observe(len(flat), model_tag)
         m.input_tokens.inc(sum(map(len, flat)), model_tag)
+
+    def _expired(self, job: EmbedJob) -> RayInferError | None:
+        """DeadlineExceeded (counted) if the job's deadline passed while it waited for this batch."""
+        if not expired(job.deadline):
+            return None
+        self.stats["expired"] += 1
+        return exceeded("embed_batch", self.cfg.name)
 
     def prepare(self, job: EmbedJob) -> list[list[int]] | RayInferError:
         """The job's token ids within the model's limit, or why not."""

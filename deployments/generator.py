@@ -21,6 +21,7 @@ from typing import Any
 from ray import serve
 
 from app.config import ModelConfig
+from app.core.deadline import exceeded, expired
 from app.core.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.engine_stats import EngineStats
 from deployments.types import GenerateChunk, GenerateJob, ModelInfo, TokenLogprob
@@ -61,6 +62,10 @@ class Generator:
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
         self._last_output = time.monotonic()
+        # Jobs stopped by their deadline: before their first token (generate_queue: the engine never
+        # ran them, or aborted them while queued) or while generating (generate_running).
+        self.expired: dict[str, int] = {}
+        self.submitted = 0  # sequences of jobs handed to the engine (health probes not counted)
         logger.info(
             "Generator %s: vLLM engine on %s, context %d, dtype %s", cfg.name, root, self.context, model_config.dtype
         )
@@ -84,11 +89,18 @@ class Generator:
 
     async def stats(self) -> dict[str, int]:
         """Engine steps, tokens generated, sequences running and waiting (last step), the most run at once,
-        and requests not finished in the engine's frontend (queued, running or in transit)."""
-        return {**self.stats_sink.counts, "unfinished": self.engine.get_num_unfinished_requests()}
+        requests not finished in the engine's frontend (queued, running or in transit), sequences submitted,
+        and jobs stopped by their deadline (expired_generate_queue, expired_generate_running)."""
+        counts = self.stats_sink.counts
+        expired = {f"expired_{stage}": n for stage, n in self.expired.items()}
+        unfinished = self.engine.get_num_unfinished_requests()
+        return {**counts, "unfinished": unfinished, "submitted": self.submitted, **expired}
 
     async def generate(self, job: GenerateJob) -> AsyncIterator[list[GenerateChunk] | RayInferError]:
         """Stream the job's chunks; a client error is the first and only item, as a value."""
+        if expired(job.deadline):  # it waited past its deadline in a queue: the engine never sees it
+            yield self._expired()
+            return
         seqs = self._prepare(job)
         if isinstance(seqs, RayInferError):
             yield seqs
@@ -99,6 +111,7 @@ class Generator:
         queue: asyncio.Queue[GenerateChunk | RayInferError] = asyncio.Queue()
         rid = uuid.uuid4().hex
         ids = [f"{rid}-{i}" for i in range(len(seqs))]
+        self.submitted += len(seqs)
         tasks = [
             asyncio.create_task(self._pump(ids[i], i, prompt, params, queue)) for i, (prompt, params) in enumerate(seqs)
         ]
@@ -106,7 +119,11 @@ class Generator:
         loop = asyncio.get_running_loop()
         try:
             while running:
-                items = [await queue.get()]
+                item = await self._next(queue, job.deadline)
+                if item is None:  # the deadline passed: aborted in the engine (finally, below)
+                    yield self._expired("generate_running" if last_yield else "generate_queue")
+                    return
+                items = [item]
                 # Tokens arriving within stream_interval_s of the last chunk ride with the next one:
                 # fewer, larger messages through the handle, the ingress and the client.
                 wait = last_yield + self.cfg.stream_interval_s - loop.time()
@@ -127,6 +144,20 @@ class Generator:
             for task in tasks:  # the caller left (disconnect, deadline) or the job ended: nothing runs for nobody
                 task.cancel()
             await self.engine.abort(ids)
+
+    def _expired(self, stage: str = "generate_queue") -> RayInferError:
+        self.expired[stage] = self.expired.get(stage, 0) + 1
+        return exceeded(stage, self.cfg.name)
+
+    @staticmethod
+    async def _next(queue: asyncio.Queue, deadline: float | None) -> GenerateChunk | RayInferError | None:
+        """The job's next item, or None if its deadline passes first."""
+        if deadline is None:
+            return await queue.get()
+        try:
+            return await asyncio.wait_for(queue.get(), max(0.0, deadline - time.time()))
+        except asyncio.TimeoutError:
+            return None
 
     async def _pump(self, request_id: str, index: int, prompt: list[int], params: Any, queue: asyncio.Queue) -> None:
         """One sequence's engine outputs into the job's queue as chunks."""

@@ -15,6 +15,7 @@ class EmbedJob:
 
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
+    deadline: float | None = None  # wall-clock seconds; past it, the job is dropped unrun (app/core/deadline.py)
 
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.token_ids or [])
@@ -34,6 +35,7 @@ class GenerateJob:
     prompts: list[str | list[int]] | None = None
     messages: list[dict[str, str]] | None = None
     n: int = 1
+    deadline: float | None = None  # wall-clock seconds; past it before the first token, aborted (app/core/deadline.py)
 
     def __len__(self) -> int:
         return (len(self.prompts) if self.prompts is not None else 1) * self.n

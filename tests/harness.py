@@ -56,6 +56,17 @@ def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: floa
         time.sleep(0.5)  # polling a readiness endpoint
 
 
+def wait_for_http(url: str, timeout_s: float) -> None:
+    """Until `url` answers 200 (a maximum: TimeoutError past it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        time.sleep(0.5)  # polling a server that is starting: no event to wait on
+    raise TimeoutError(f"{url} not ready within {timeout_s}s")
+
+
 def stop(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
@@ -143,6 +154,7 @@ def dashboard_of(proc: subprocess.Popen) -> str:
 class RayHead:
     dashboard: str  # what `serve deploy -a` and the REST/state APIs talk to
     env: dict[str, str]  # for CLI calls against it (its auth token)
+    session: int = 0  # the session id of its processes
 
     @property
     def headers(self) -> dict[str, str]:
@@ -150,10 +162,13 @@ class RayHead:
 
 
 @contextlib.contextmanager
-def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
+def ray_head(log_dir: Path, num_cpus: int | None = None, redis: str | None = None) -> Iterator[RayHead]:
     """A long-lived cluster as operators run one: `ray start --head`, with Ray's token
     authentication on (its own token), every port it would take at a fixed number on a free one,
-    its own temp dir, the dashboard on loopback. Stops only its own processes."""
+    its own temp dir, the dashboard on loopback. Stops only its own processes.
+
+    With `redis` (host:port): GCS fault tolerance, the GCS's state in that Redis (RAY_REDIS_ADDRESS),
+    and `ray start` without `--block` (which takes every process down when one dies, the GCS included)."""
     ports = {
         flag: free_port()
         for flag in (
@@ -170,7 +185,7 @@ def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
         str(BIN / "ray"),
         "start",
         "--head",
-        "--block",
+        *(() if redis else ("--block",)),
         "--disable-usage-stats",
         "--dashboard-host=127.0.0.1",
         f"--temp-dir={log_dir / 'ray'}",
@@ -182,13 +197,20 @@ def ray_head(log_dir: Path, num_cpus: int | None = None) -> Iterator[RayHead]:
     # The Serve controller and proxies inherit the environment. On a busy small machine the
     # dashboard agent can take over Ray's default 30 s to start, and the raylet then aborts.
     env = {**os.environ, **serve_env(), **auth, "RAY_agent_register_timeout_ms": "120000"}
+    if redis:  # the raylets and workers wait this long for a restarted GCS (Ray's default: 60 s)
+        env.update({"RAY_REDIS_ADDRESS": redis, "RAY_gcs_rpc_server_reconnect_timeout_s": "600"})
     env.pop("RAY_ADDRESS", None)
     log_path = log_dir / "ray_start.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"http://127.0.0.1:{ports['--dashboard-port']}", auth)
     try:
-        wait_ready(f"{head.dashboard}/api/gcs_healthz", proc, log_path, timeout_s=180)
+        if redis:  # `ray start` returns once the node is up; its processes stay in its session
+            assert proc.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+            wait_for_http(f"{head.dashboard}/api/gcs_healthz", timeout_s=180)
+        else:
+            wait_ready(f"{head.dashboard}/api/gcs_healthz", proc, log_path, timeout_s=180)
+        head.session = proc.pid
         yield head
     finally:
         stop(proc)  # `ray start --block` takes its processes down with it

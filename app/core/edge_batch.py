@@ -4,6 +4,9 @@ the DeploymentHandle hop once per batch, not once per request.
 A hop costs several ms of CPU on a small machine, more than the model's own cost per text
 in a batch, so this is where per-request overhead is cut (measured in BENCHMARKS.md).
 
+A job whose deadline passed while it waited (`expired` gives its answer) is answered here and
+never sent.
+
 Adaptive, with no timer: when fewer than `max_inflight` batches are out, whatever is
 queued goes at once (no added latency at low load); while they are out, requests
 accumulate and leave together as soon as one returns.
@@ -26,8 +29,10 @@ class EdgeBatcher(Generic[J, R]):
         size_of: Callable[[J], int],
         max_items: int,
         max_inflight: int = 2,
+        expired: Callable[[J], R | None] | None = None,
     ):
         self._send = send
+        self._expired = expired  # a job's answer when it must not be sent (its deadline passed), else None
         self._size_of = size_of
         self._max_items = max_items
         self.max_inflight = max_inflight
@@ -49,6 +54,10 @@ class EdgeBatcher(Generic[J, R]):
                 # Drop requests whose client went away before their batch left.
                 if self._queue[0][1].done():
                     self._queue.pop(0)
+                    continue
+                dropped = self._expired(self._queue[0][0]) if self._expired is not None else None
+                if dropped is not None:  # its deadline passed while it waited: answered, never sent
+                    self._queue.pop(0)[1].set_result(dropped)
                     continue
                 size = self._size_of(self._queue[0][0])
                 if batch and items + size > self._max_items:

@@ -109,6 +109,18 @@ def model() -> ModelMetrics:
     return ModelMetrics()
 
 
+@functools.cache
+def expired() -> Any:
+    """Work dropped before the model ran it because its deadline had passed (app/core/deadline.py)."""
+    return metrics.Counter(
+        "rayinfer_expired_requests_total",
+        description="Requests (or jobs) dropped before the model ran them because their deadline had passed, "
+        "by where: edge_batch, embed_batch (waiting for a forward), generate_queue (before the first token), "
+        "generate_running (aborted while generating).",
+        tag_keys=tag_keys("stage", "model"),
+    )
+
+
 class IngressMetrics:
     def __init__(self):
         self.latency = metrics.Histogram(

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState
 
 from app.config import AppConfig, ModelConfig
+from app.core import deadline as deadlines
 from app.core.edge_batch import EdgeBatcher
 from app.core.errors import ModelNotFound, ModelNotReady, Overloaded, RayInferError, ReplicaLost
 from app.core.metrics import label_model
@@ -103,6 +104,7 @@ class ModelRegistry:
                 size_of=len,
                 max_items=config.edge_batch_max_items,
                 max_inflight=self._inflight_limit(m, replicas=1),
+                expired=_expired_at_edge(name),
             )
             for name, m in self._models.items()
             if m.task == "embed" and config.edge_batching
@@ -163,6 +165,7 @@ class ModelRegistry:
 
     async def embed(self, name: str, job: EmbedJob) -> EmbedResult | RayInferError:
         """One request's job, through the model's edge batcher when there is one; retried if its replica dies."""
+        job = deadlines.with_deadline(job)
         if self._follower is None and self._batchers:
             self._follower = asyncio.ensure_future(self._follow_replicas())
         batcher = self._batchers.get(name)
@@ -182,6 +185,7 @@ class ModelRegistry:
     async def generate(self, name: str, job: GenerateJob) -> AsyncGenerator[list[GenerateChunk] | RayInferError, None]:
         """Stream the job's chunks from the model's Generator; leaving early cancels the work there.
         A replica lost before the first chunk is retried; after it, the caller gets the error."""
+        job = deadlines.with_deadline(job)
         deadline, attempt = self.deadline(), 0
         while True:
             response = self._streams[name].generate.remote(job)
@@ -255,6 +259,13 @@ class ModelRegistry:
         if failing:  # say why in the replica's log: a readiness probe only sees a bool or a 503
             logger.warning("not ready: %s", failing)
         return failing
+
+
+def _expired_at_edge(name: str) -> Callable[[EmbedJob], RayInferError | None]:
+    def check(job: EmbedJob) -> RayInferError | None:
+        return deadlines.exceeded("edge_batch", name) if deadlines.expired(job.deadline) else None
+
+    return check
 
 
 async def _running_replicas() -> dict[str, int] | None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from app.core import metrics
+from app.core import deadline, metrics
 from app.core.errors import Overloaded, PayloadTooLarge, Unauthorized
 from app.core.guard import InflightGate, key_matches
 from app.http.errors import ErrorBodies, app_path
@@ -59,6 +59,24 @@ class MetricsMiddleware:
             # The route template, never the raw path: /v2/models/{name}, not one series per name.
             m.finished(getattr(scope.get("route"), "path", "unmatched"), labels, status)
             metrics.CURRENT.reset(token)
+
+
+class DeadlineMiddleware:
+    """The request's deadline from `x-request-timeout-seconds`, for the jobs it makes (app/core/deadline.py)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        token = deadline.CURRENT.set(
+            deadline.from_header(dict(scope.get("headers") or []).get(deadline.TIMEOUT_HEADER))
+        )
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            deadline.CURRENT.reset(token)
 
 
 class AuthMiddleware:

@@ -13,7 +13,8 @@ from app.core.errors import RayInferError, kind_of
 from app.core.generation import collect, fold
 from app.core.inputs import as_list
 from app.core.registry import ModelRegistry, as_rayinfer_error
-from app.openai.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from app.openai.errors import error_body
+from app.openai.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.types import GenerateChunk, GenerateJob, TokenLogprob
 
 

@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from app.core.errors import ErrorKind
 from app.core.inputs import INPUT_SHAPES, check_input, check_prompts
 from app.core.sampling import SamplingOptions
 
@@ -17,11 +16,6 @@ from app.core.sampling import SamplingOptions
 UNSUPPORTED_NEUTRAL = ("echo", "suffix", "logit_bias", "tools", "response_format")
 MAX_LOGPROBS = 5  # completions' `logprobs` (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs` (OpenAI's limit; vLLM's default max_logprobs)
-
-
-def error_body(message: str, kind: ErrorKind, param: str | None = None) -> dict:
-    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": kind.openai_type, "param": param, "code": kind.code}}
 
 
 class ErrorDetail(BaseModel):

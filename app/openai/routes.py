@@ -11,6 +11,7 @@ from app.http.responses import FastJSONResponse
 from app.http.routing import Registry
 from app.openai.completions import complete, first_item, sse_events
 from app.openai.embeddings import create_embeddings
+from app.openai.errors import error_body
 from app.openai.models import list_models
 from app.openai.protocol import (
     ChatCompletionRequest,
@@ -21,7 +22,6 @@ from app.openai.protocol import (
     EmbeddingResponse,
     ErrorResponse,
     ModelList,
-    error_body,
 )
 
 PREFIX = "/v1"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from app.environment import SERVE_ENV
+from app.environment import HAPROXY_WRAPPER, SERVE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).resolve().parent
@@ -103,9 +103,15 @@ def gpus(config: dict) -> tuple[int, int, int]:
     return per_pod, math.ceil(low), math.ceil(high)
 
 
+# Where `pip install` puts rayinfer's console scripts in the image (rayproject/ray's Python is Anaconda's).
+IMAGE_BIN = "/home/ray/anaconda3/bin"
+
+
 def _env() -> list[dict[str, str]]:
-    """The serving environment (app/environment.py) every Ray node starts with, and the supervisor's stop bound."""
-    env = {**SERVE_ENV, "RAYINFER_STOP_TIMEOUT_S": str(STOP_TIMEOUT_S)}
+    """The serving environment (app/environment.py) every Ray node starts with (paths as in the image), and
+    the supervisor's stop bound."""
+    image = {"RAY_SERVE_HAPROXY_BINARY_PATH": f"{IMAGE_BIN}/{HAPROXY_WRAPPER.name}"}
+    env = {**SERVE_ENV, **image, "RAYINFER_STOP_TIMEOUT_S": str(STOP_TIMEOUT_S)}
     return [{"name": k, "value": v} for k, v in env.items()]
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -20,16 +22,12 @@ from tests.helpers import MODEL
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 KEY = "test-key-7f3a"
-INFLIGHT = 64
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def config():
-    config = serve_config_on(free_port())
-    # A lower ingress bound than the shipped 256, so the burst is mostly past it on 2 cores.
-    config["applications"][0]["args"]["max_inflight_requests"] = INFLIGHT
-    return config
+    return serve_config_on(free_port())  # the shipped config, and the shipped bounds (app/haproxy.py)
 
 
 @pytest.fixture(scope="module")
@@ -69,53 +67,82 @@ def test_inference_routes_need_a_valid_key_and_health_is_open(served):
     assert httpx.get(f"{served}/readyz", timeout=30).status_code == 200
 
 
-def burst(url: str, method: str, path: str, body=None) -> list[tuple[int, float, str | None]]:
-    """800 requests at once: (status, seconds from the moment each went on the wire, Retry-After).
-    Timed from the wire because the client's own work for 800 requests on a shared 2-core
-    machine (seconds) is not the server's latency."""
-    sent: dict[int, float] = {}
+@dataclass
+class Answer:
+    path: str
+    status: int
+    seconds: float  # from the moment its connection was opened to its last byte
+    headers: dict[str, str]
+    body: bytes
 
-    async def on_request(request: httpx.Request) -> None:
-        sent[id(request)] = time.perf_counter()
 
-    async def one(client: httpx.AsyncClient, i: int) -> tuple[int, float, str | None]:
-        r = await client.request(method, path, json=body(i) if body else None)
-        return r.status_code, time.perf_counter() - sent[id(r.request)], r.headers.get("retry-after")
+async def _send(port: int, path: str, raw: bytes) -> Answer:
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        status = int((await reader.readline()).split()[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = headers.get("content-length")
+        body = await (reader.readexactly(int(length)) if length is not None else reader.read())
+        return Answer(path, status, time.perf_counter() - start, headers, body)
+    finally:
+        writer.close()
+
+
+def burst(url: str, requests: list[tuple[str, dict]]) -> list[Answer]:
+    """All `requests` (path, JSON body) at once, each on its own connection. Raw HTTP/1.1 written
+    from pre-encoded bytes, like wrk: the client's own work per request is microseconds, so on a
+    shared 2-core machine the time measured is the server's, not the client's."""
+    port = int(url.rsplit(":", 1)[1])
+
+    def encode(path: str, body: dict) -> bytes:
+        data = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        return head.encode() + data
+
+    raw = [(path, encode(path, body)) for path, body in requests]
 
     async def go():
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
-        async with httpx.AsyncClient(
-            base_url=url, headers=AUTH, limits=limits, timeout=120, event_hooks={"request": [on_request]}
-        ) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(800)))
+        return await asyncio.gather(*(_send(port, path, data) for path, data in raw))
 
     return asyncio.run(go())
 
 
-def test_a_burst_of_800_gets_only_200s_and_fast_503s_with_retry_after(served):
-    # What answering anything costs in such a burst on this machine, measured in the same run: the
-    # same 800 connections to /healthz, which does no work (and is not counted as inference).
-    baseline = sorted(t for _, t, _ in burst(served, "GET", "/healthz"))
-    results = burst(served, "POST", "/v1/embeddings", lambda i: {"model": MODEL, "input": [f"burst request {i}"] * 4})
-    statuses = {s for s, _, _ in results}
-    ok = [t for s, t, _ in results if s == 200]
-    shed = [(t, ra) for s, t, ra in results if s == 503]
-    shed_s = sorted(t for t, _ in shed) or [0.0]
-    p50 = {"503": shed_s[len(shed_s) // 2], "healthz": baseline[len(baseline) // 2]}
+def test_a_burst_of_800_gets_only_200s_and_503s_with_retry_after_each_within_a_second(served):
+    """The first hop (HAProxy, bounded by app/haproxy.py) sheds what the ingress replica has no slot for,
+    whatever the replica's backlog: OpenAI's body under /v1, OIP's under /v2."""
+    infer = f"/v2/models/{MODEL}/infer"
+    requests = [
+        (infer, {"inputs": [{"name": "text", "shape": [4], "datatype": "BYTES", "data": [f"burst {i}"] * 4}]})
+        if i % 4 == 3
+        else ("/v1/embeddings", {"model": MODEL, "input": [f"burst request {i}"] * 4})
+        for i in range(800)
+    ]
+    answers = burst(served, requests)
+    ok = [a for a in answers if a.status == 200]
+    shed = sorted((a for a in answers if a.status == 503), key=lambda a: a.seconds)
+    times = [a.seconds for a in shed] or [0.0]
     print(
-        f"burst of 800: {len(ok)} x 200, {len(shed)} x 503; 503 latency p50 {p50['503']:.2f}s "
-        f"p90 {shed_s[int(len(shed_s) * 0.9)]:.2f}s max {shed_s[-1]:.2f}s; slowest 200 {max(ok, default=0):.2f}s; "
-        f"800 x /healthz: p50 {p50['healthz']:.2f}s max {baseline[-1]:.2f}s"
+        f"burst of 800: {len(ok)} x 200, {len(shed)} x 503; 503 after p50 {times[len(times) // 2]:.3f}s "
+        f"p99 {times[int(len(times) * 0.99)]:.3f}s max {times[-1]:.3f}s; slowest 200 "
+        f"{max((a.seconds for a in ok), default=0):.2f}s"
     )
-    assert statuses <= {200, 503}, statuses
-    assert ok, "some requests must be served"
-    assert len(ok) >= INFLIGHT // 2
-    assert all(ra == "1" for _, ra in shed), "every 503 carries Retry-After"
-    # Shed at once, never a pile-up of timeouts: a 503 costs about what a health check costs in the
-    # same burst, plus the served requests' model work on the same two cores. Relative, because
-    # both scale with how busy the machine is (measured: healthz p50 3.3 s, 503 p50 4.7 s, with
-    # another Ray cluster running beside it).
-    assert p50["503"] < 2 * p50["healthz"] + 0.5, p50
+    assert {a.status for a in answers} <= {200, 503}, {(a.status, a.body[:200]) for a in answers} - {200, 503}
+    # Shedding happened, and only where the replica had no slot: neither everything served nor nothing.
+    assert shed, "800 at once must pass the first hop's bound"
+    assert len(ok) >= 64 and len(shed) >= 400, (len(ok), len(shed))
+    assert all(a.headers.get("retry-after") == "1" for a in shed), "every 503 carries Retry-After"
+    for a in shed:
+        error = json.loads(a.body)["error"]
+        assert isinstance(error, str) if a.path == infer else error["code"] == "overloaded", (a.path, a.body)
+    assert {a.path for a in shed} == {infer, "/v1/embeddings"}
+    # The promise is about the worst case: every 503, not the median, within a second of sending.
+    assert times[-1] < 1.0, [round(t, 3) for t in times[-10:]]
 
 
 def test_a_grpc_burst_gets_only_ok_and_unavailable_with_retry_pushback(served, config):
@@ -129,27 +156,40 @@ def test_a_grpc_burst_gets_only_ok_and_unavailable_with_retry_pushback(served, c
         tensor.contents.bytes_contents.extend([f"grpc burst {i}".encode()] * 4)
         return pb.ModelInferRequest(model_name=MODEL, inputs=[tensor])
 
-    async def one(stub, i: int) -> tuple[grpc.StatusCode, dict]:
+    async def one(stub, i: int) -> tuple[grpc.StatusCode, dict, float]:
+        start = time.perf_counter()
         call = stub.ModelInfer(request(i), metadata=(("authorization", f"Bearer {KEY}"),), timeout=120)
         with contextlib.suppress(grpc.aio.AioRpcError):
             await call
-        return await call.code(), dict(await call.trailing_metadata() or ())
+        return await call.code(), dict(await call.trailing_metadata() or ()), time.perf_counter() - start
 
     async def go():
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{config['grpc_options']['port']}") as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            return await asyncio.gather(*(one(stub, i) for i in range(400)))
+        # 8 connections of 100 calls: HAProxy lets 100 streams at once into one HTTP/2 connection
+        # (tune.h2.max-concurrent-streams), so one channel alone could never pass the bound. A local
+        # subchannel pool per channel: gRPC would otherwise share one connection among them.
+        target, options = f"127.0.0.1:{config['grpc_options']['port']}", [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(8)]
+        try:
+            stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+            return await asyncio.gather(*(one(stubs[i % 8], i) for i in range(800)))
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
 
     results = asyncio.run(go())
-    codes = [code for code, _ in results]
+    codes = [code for code, _, _ in results]
+    refused = sorted(t for code, _, t in results if code == grpc.StatusCode.UNAVAILABLE) or [0.0]
     print(
-        f"gRPC burst of 400: {codes.count(grpc.StatusCode.OK)} OK, "
-        f"{codes.count(grpc.StatusCode.UNAVAILABLE)} UNAVAILABLE"
+        f"gRPC burst of 800: {codes.count(grpc.StatusCode.OK)} OK, "
+        f"{codes.count(grpc.StatusCode.UNAVAILABLE)} UNAVAILABLE, the slowest after {refused[-1]:.3f}s"
     )
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(codes)
-    assert codes.count(grpc.StatusCode.OK) >= INFLIGHT // 2
-    assert grpc.StatusCode.UNAVAILABLE in codes, "400 at once must pass max_inflight_requests (64)"
-    assert all(meta.get("grpc-retry-pushback-ms") == "1000" for code, meta in results if code != grpc.StatusCode.OK)
+    assert codes.count(grpc.StatusCode.OK) >= 64
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) >= 100, "800 at once must pass the first hop's bound"
+    assert all(meta.get("grpc-retry-pushback-ms") == "1000" for code, meta, _ in results if code != grpc.StatusCode.OK)
+    # Timed by grpcio's asyncio client, whose own work for 800 calls on one event loop is part of this
+    # (the HTTP burst writes raw bytes instead): measured 1.35 s for the slowest, most of the refused
+    # calls finishing at the same instant, when the client's loop got to them. A maximum all the same.
+    assert refused[-1] < 2.0, refused[-10:]
 
 
 def test_schemathesis_finds_no_5xx(served):

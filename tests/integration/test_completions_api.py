@@ -5,16 +5,22 @@ checkpoint and engine arguments."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
 import pytest
 from ray import serve
 from ray._common.test_utils import wait_for_condition
+
+from app.core.errors import DeadlineExceeded
+from deployments.types import GenerateJob
+from models.params import SamplingParams
 
 # The first test here may start the session's cluster (a vLLM engine: minutes on a loaded 2-core machine)
 # and the offline reference engine.
@@ -273,15 +279,39 @@ def test_wrong_model_kind_is_404(http):
     assert r.status_code == 404
 
 
-def test_a_deadline_times_out_and_cancels_the_generation(http, generator):
-    body = {"model": LM, "prompt": PROMPT, "max_tokens": 480, "temperature": 0.7, "seed": 5, "ignore_eos": True}
-    before = generator.stats.remote().result()["tokens"]
-    r = http.post("/v1/completions", json=body, headers={"x-request-timeout-seconds": "0.3"})
-    # Serve enforces its own header: 408 Request Timeout, and the request's task is cancelled.
-    assert r.status_code == 408 and "timed out" in r.text, (r.status_code, r.text)
-    wait_for_condition(lambda: generator.stats.remote().result()["unfinished"] == 0, timeout=10, retry_interval_ms=50)
-    generated = generator.stats.remote().result()["tokens"] - before
-    assert generated < 480, f"{generated} tokens generated past the deadline"
+def test_a_job_past_its_deadline_never_reaches_the_engine(generator):
+    """A job whose deadline passed while it queued (here: before it was sent) is answered DeadlineExceeded
+    by the Generator, which hands the engine nothing: counted by the sequences it submits."""
+    before = generator.stats.remote().result()
+    job = GenerateJob(params=SamplingParams(max_tokens=16), prompts=[PROMPT, PROMPT], deadline=time.time() - 1)
+    items = list(generator.options(stream=True).generate.remote(job))
+    after = generator.stats.remote().result()
+    assert len(items) == 1 and isinstance(items[0], DeadlineExceeded), items
+    assert after["submitted"] == before["submitted"], "the engine got work whose deadline had passed"
+    assert after.get("expired_generate_queue", 0) == before.get("expired_generate_queue", 0) + 1
+
+
+def test_a_deadline_stops_a_started_generation(http, generator):
+    """A streamed completion that has started (its first chunk arrived) is stopped by the server when its
+    deadline passes: the stream ends without its last chunk and the engine stops generating for it."""
+    max_tokens = CONTEXT - 16  # far more than 2 cores generate within the deadline
+    body = {"model": LM, "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    before = generator.stats.remote().result()
+    chunks, finished = 0, False
+    with http.stream("POST", "/v1/completions", json=body, headers={"x-request-timeout-seconds": "8"}) as r:
+        assert r.status_code == 200, r.read()
+        with contextlib.suppress(httpx.HTTPError):  # the server may cut the connection at the deadline
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    chunks += "choices" in event  # an error event (the deadline's) is not a chunk
+                    finished |= any(c.get("finish_reason") for c in event.get("choices", []))
+    assert chunks >= 1, "the generation never started: this test needs its first token within the deadline"
+    assert not finished, "the completion ran to its end: the deadline stopped nothing"
+    wait_for_condition(lambda: generator.stats.remote().result()["unfinished"] == 0, timeout=30, retry_interval_ms=100)
+    after = generator.stats.remote().result()
+    assert after["submitted"] == before["submitted"] + 1
+    assert after["tokens"] - before["tokens"] < max_tokens
 
 
 # JSON has no NaN or Infinity, but Python's parser (and many clients) accept the literals.

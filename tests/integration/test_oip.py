@@ -244,13 +244,26 @@ def test_model_repository_extension_is_unimplemented(grpc_stub):
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_grpc_deadline_cancels_the_generation(http, grpc_stub, generator):
+def expired_jobs(stats: dict[str, int]) -> int:
+    return stats.get("expired_generate_queue", 0) + stats.get("expired_generate_running", 0)
+
+
+def test_grpc_deadline_is_the_servers_answer_and_stops_the_generation(grpc_stub, generator):
+    """The deadline comes as `x-request-timeout-seconds` metadata while the client itself would wait
+    two minutes: the DEADLINE_EXCEEDED is the server's, and the Generator counts the job it stopped."""
     params = {"max_tokens": 480, "temperature": 0.7, "seed": 5, "ignore_eos": True}  # 480 tokens if let run
-    before = generator.stats.remote().result()["tokens"]
+    before = generator.stats.remote().result()
     with pytest.raises(grpc.RpcError) as e:
-        grpc_stub.ModelInfer(grpc_request(LM, ["Serving models online is"], **params), timeout=0.3)
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The server honoured the deadline: the request was aborted in the engine, its tokens stopped.
+        grpc_stub.ModelInfer(
+            grpc_request(LM, ["Serving models online is"], **params),
+            metadata=(("x-request-timeout-seconds", "0.3"),),
+            timeout=120,
+        )
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+    assert "deadline" in e.value.details()
+    # The server honoured the deadline: the job was stopped in the Generator (before or after its first
+    # token), aborted in the engine, and its tokens stopped.
     wait_for_condition(lambda: generator.stats.remote().result()["unfinished"] == 0, timeout=10, retry_interval_ms=50)
-    generated = generator.stats.remote().result()["tokens"] - before
-    assert generated < 480, f"{generated} tokens generated after the client's deadline"
+    after = generator.stats.remote().result()
+    assert expired_jobs(after) == expired_jobs(before) + 1, (before, after)
+    assert after["tokens"] - before["tokens"] < 480, f"{after['tokens'] - before['tokens']} tokens past the deadline"

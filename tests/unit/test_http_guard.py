@@ -8,10 +8,11 @@ import httpx
 from fastapi import FastAPI
 
 from app.config import AppConfig
+from app.core import deadline
 from app.core.errors import ERROR_TABLE, Unauthorized
 from app.core.guard import InflightGate, key_matches, load_api_keys
 from app.http.errors import ErrorBodies, install_error_handlers
-from app.http.middleware import AuthMiddleware, BodyLimitMiddleware, InflightLimitMiddleware
+from app.http.middleware import AuthMiddleware, BodyLimitMiddleware, DeadlineMiddleware, InflightLimitMiddleware
 from app.oip.rest import routes as oip_routes
 from app.openai import routes as openai_routes
 
@@ -40,11 +41,14 @@ def _app(keys=(), limit=(1000, 1), gate: Gate | None = None, max_bytes: int = 1 
     app.add_middleware(BodyLimitMiddleware, limit=max_bytes, bodies=bodies)
     app.add_middleware(InflightLimitMiddleware, gate=InflightGate(*limit), bodies=bodies)
     app.add_middleware(AuthMiddleware, keys=keys, bodies=bodies)
+    app.add_middleware(DeadlineMiddleware)
     install_error_handlers(app, bodies)
 
     @app.post("/v1/embeddings")
     @app.post("/v2/models/m/infer")
     async def embeddings() -> dict:
+        if deadline.expired(deadline.CURRENT.get()):  # as the edge batcher answers a request past its deadline
+            raise deadline.exceeded("edge_batch", "m")
         if gate is not None:
             await gate.hold()
         return {"ok": True}
@@ -130,7 +134,8 @@ def test_past_the_inflight_limit_the_ingress_answers_503_with_retry_after_at_onc
 
 
 def test_guards_answer_each_protocol_with_its_own_error_body():
-    """401, 413 and 503 from the middleware: OpenAI's body under /v1, OIP's `{"error": "..."}` under /v2."""
+    """401, 413 and 503 from the middleware, 504 from a request past its deadline: OpenAI's body under /v1,
+    OIP's `{"error": "..."}` under /v2."""
 
     async def answers(path: str) -> list[httpx.Response]:
         gate, auth = Gate(expect=1), {"Authorization": "Bearer k"}
@@ -142,11 +147,12 @@ def test_guards_answer_each_protocol_with_its_own_error_body():
             shed = await client.post(path, headers=auth)
             gate.open.set()
             assert (await held).status_code == 200
-            return [unauthorized, too_large, shed]
+            expired = await client.post(path, headers={**auth, "x-request-timeout-seconds": "0.000001"})
+            return [unauthorized, too_large, shed, expired]
 
     for path in ("/v1/embeddings", "/v2/models/m/infer"):
         responses = run(answers(path))
-        assert [r.status_code for r in responses] == [401, 413, 503]
+        assert [r.status_code for r in responses] == [401, 413, 503, 504]
         for r in responses:
             if path.startswith("/v2"):
                 assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), r.json()

@@ -5,6 +5,7 @@ field either schema does not name."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import jsonschema
@@ -133,7 +134,11 @@ def test_each_rayservice_serves_its_serve_config_on_the_pinned_ray(profile):
     assert manifest["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
     for template, container in pods(manifest):
         assert f"ray{pin}-py311" in container["image"]
-        assert {e["name"]: e["value"] for e in container["env"]}.items() >= SERVE_ENV.items()  # every node
+        env = {e["name"]: e["value"] for e in container["env"]}
+        # Every node has the serving environment, with the HAProxy wrapper where the image installs it.
+        wrapper = env.pop("RAY_SERVE_HAPROXY_BINARY_PATH")
+        assert wrapper == f"{kuberay.IMAGE_BIN}/rayinfer-haproxy" and os.path.isabs(wrapper)
+        assert env.items() >= {k: v for k, v in SERVE_ENV.items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"}.items()
         if template["metadata"]["labels"]["app.kubernetes.io/component"] != "head":
             assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
 

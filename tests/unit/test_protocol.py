@@ -17,7 +17,8 @@ from app.core.errors import (
     kind_of,
 )
 from app.core.inputs import embed_job
-from app.openai.protocol import EmbeddingRequest, error_body
+from app.openai.errors import error_body
+from app.openai.protocol import EmbeddingRequest
 
 
 def to_job(req: EmbeddingRequest, max_items: int):

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from app.core import metrics
+from app.core import deadline, metrics
 from app.core.errors import INTERNAL, ErrorKind, InvalidInput, Overloaded, RayInferError, Unauthorized, kind_of
 from app.core.guard import InflightGate, key_matches
 from app.core.registry import ModelRegistry, as_rayinfer_error
@@ -125,6 +125,15 @@ def check_key(context: Any, keys: tuple[bytes, ...]) -> None:
             raise Unauthorized("Incorrect or missing API key: send `authorization: Bearer <key>` metadata.")
 
 
+def call_deadline(context: Any) -> float | None:
+    """The call's deadline, from `x-request-timeout-seconds` metadata (as over HTTP). gRPC's own deadline
+    (`grpc-timeout`) cancels the call when it passes, and with it the work not yet sent (the edge batcher
+    drops a cancelled request), but Serve's RayServegRPCContext does not pass its time remaining on."""
+    metadata = dict(context.invocation_metadata()) if context is not None else {}
+    value = metadata.get(deadline.TIMEOUT_HEADER.decode())
+    return deadline.from_header(value.encode() if isinstance(value, str) else value)
+
+
 def _fail(context: Any, exc: BaseException) -> ErrorKind:
     """End the RPC with the table's code and message for `exc` (and, when overloaded,
     `grpc-retry-pushback-ms`: gRPC's Retry-After); returns the table's row."""
@@ -151,6 +160,7 @@ async def _answer(
     `grpc-retry-pushback-ms` trailing metadata (gRPC's Retry-After)."""
     labels = metrics.RequestLabels(start=time.perf_counter())
     token = metrics.CURRENT.set(labels)
+    deadline_token = deadline.CURRENT.set(call_deadline(context))
     recorder, status = metrics.ingress(), 200
     recorder.started()
     try:
@@ -167,6 +177,7 @@ async def _answer(
     finally:
         recorder.finished(f"grpc {rpc}", labels, status)
         metrics.CURRENT.reset(token)
+        deadline.CURRENT.reset(deadline_token)
 
 
 class GRPCInferenceServicer:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from app.core.errors import ErrorKind, InvalidInput
+from app.core.errors import InvalidInput
 from app.oip import core as oip
 from app.oip.rest.binary import REQUEST_FLAG, SIZE, binary_inputs
 from app.oip.tensors import Tensor, flatten, from_elements, to_elements
@@ -90,11 +90,6 @@ class ServerMetadataBody(BaseModel):
 
 class OipError(BaseModel):
     error: str
-
-
-def error_body(message: str, kind: ErrorKind, param: str | None = None) -> dict:
-    """OIP's error body: `{"error": "<message>"}` (the status carries the kind)."""
-    return {"error": message}
 
 
 def request_from_body(model: str, body: InferRequestBody, binary: bytes | None = None) -> oip.InferRequest:

