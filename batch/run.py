@@ -1,0 +1,137 @@
+"""Run one batch job: check everything that can be checked before starting, stream, summarise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+import ray.data
+from ray.data import DataContext
+
+from batch import embed, output, sources
+from batch.progress import JobProgress, RowCounter
+from batch.spec import ModelSpec, Overrides, check_fits, find_model, fit_concurrency, model_spec
+from models.loader import resolve_source
+
+logger = logging.getLogger("batch")
+
+
+@dataclass
+class Job:
+    """One `python -m batch` invocation."""
+
+    task: str  # "embed" | "generate"
+    model: str
+    input: str
+    output: Path
+    config: Path
+    id_field: str = "id"
+    text_field: str = "text"
+    format: str | None = None
+    truncate: bool = False
+    batch_size: int = 256
+    rows_per_file: int = 20_000
+    tokenize_cpus: float = 1.0
+    overrides: Overrides = field(default_factory=Overrides)
+    address: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    rows_written: int  # results written by this run
+    errors_written: int  # bad rows recorded by this run (with an id)
+    done_before: int  # rows committed by earlier runs into the same output, skipped
+    errors_total: int  # lines of DIR/_errors.jsonl
+    input_rows: int  # Parquet: exact; JSONL/CSV: lines
+    seconds: float
+    output: str
+
+    @property
+    def rows_per_s(self) -> float:
+        return (self.rows_written + self.errors_written) / self.seconds if self.seconds else 0.0
+
+    def render(self) -> str:
+        return (f"{self.rows_written:,} rows written, {self.errors_written:,} errors recorded, {self.done_before:,} "
+                f"done before and skipped, in {self.seconds:.1f} s ({self.rows_per_s:,.0f} rows/s)\n"
+                f"results: {self.output}/*.parquet   errors ({self.errors_total:,}): {self.output}/{output.ERRORS_FILE}")
+
+
+def manifest(job: Job, files: list[str], fmt: str) -> dict:
+    """What must be equal for a run to resume another's output."""
+    return {"task": job.task, "model": job.model, "inputs": files, "format": fmt, "id_field": job.id_field,
+            "text_field": job.text_field, "truncate": job.truncate}
+
+
+def run(job: Job) -> Summary:
+    cfg, options = find_model(job.config, job.model, job.task)
+    truncate = job.truncate or cfg.truncate
+    files, fmt = sources.expand(job.input, job.format)
+    out = Path(job.output).resolve()
+    output.claim(out, manifest(job, files, fmt))
+    _connect(job.address)
+    spec = model_spec(cfg, options, job.overrides, _stage_layers(cfg))
+    cluster = ray.cluster_resources()
+    check_fits(spec, cluster, job.tokenize_cpus)
+    ctx = DataContext.get_current()
+    ctx.checkpoint_config = output.checkpoint_config(out, job.id_field)
+    ctx.enable_progress_bars = False  # one bar for the job instead (batch/progress.py)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would tear the bar
+    done_before = output.committed_rows(out)
+    rows = sources.count_rows(files, fmt)
+    id_type = sources.parquet_id_type(files, job.id_field) if fmt == "parquet" else sources.pa.string()
+    source = sources.RowsSource(files, fmt, job.id_field, job.text_field, sources.text_check,
+                                str(out / output.ERRORS_DIR), id_type, rows)
+    counter = RowCounter.remote()
+    ds = ray.data.read_datasource(source)
+    ds = _pipeline(ds, job, spec, truncate, cluster, counter)
+    sink = output.ResultSink(str(out), job.id_field, [embed.EMBEDDING], job.rows_per_file)
+    start = time.perf_counter()
+    total = max(0, sum(rows.values()) - done_before)
+    with JobProgress(lambda: ray.get(counter.get.remote(), timeout=10), total, enabled=job.progress):
+        ds.write_datasink(sink)
+    seconds = time.perf_counter() - start
+    totals = sink.totals
+    return Summary(rows_written=totals["ok"], errors_written=totals["errors"], done_before=done_before,
+                   errors_total=output.consolidate_errors(out, job.id_field),
+                   input_rows=sum(rows.values()), seconds=seconds, output=str(out))
+
+
+def _pipeline(ds: ray.data.Dataset, job: Job, spec: ModelSpec, truncate: bool, cluster: dict,
+              counter) -> ray.data.Dataset:
+    cfg = spec.cfg
+    ejob = embed.EmbedJob(name=cfg.name, path=str(resolve_source(cfg.source)), id_field=job.id_field,
+                          max_input_tokens=cfg.max_input_tokens, truncate=truncate, chunk_size=cfg.max_batch_size,
+                          device=cfg.device)
+    concurrency = [fit_concurrency(p, cluster, len(spec.pools)) for p in spec.pools]
+    logger.info("pools: %s", [(asdict(p), c) for p, c in zip(spec.pools, concurrency)])
+    return embed.build(ds, ejob, spec.pools, concurrency, job.batch_size, job.tokenize_cpus, counter)
+
+
+def _stage_layers(cfg) -> list[tuple[int, int]] | None:
+    if cfg.pipeline_stages == 1:
+        return None
+    from models.pipeline_plan import load_config, plan
+
+    layout = plan(load_config(cfg.source), cfg.pipeline_stages, cfg.dtype, cfg.pipeline_boundaries)
+    return [s.layers for s in layout.stages]
+
+
+def _connect(address: str | None) -> None:
+    """Join `address` (or $RAY_ADDRESS), else start a cluster of this machine for the job alone.
+
+    That local cluster counts one CPU more than the machine has: on a resume, Ray Data's checkpoint
+    filter actor claims a whole CPU to look ids up, and on 2 cores it and the model actor held both,
+    so no read task could ever start (seen: a resume hung). Ray's CPUs are bookkeeping here; the
+    model's threads are what use the cores."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=False)
