@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -80,12 +81,15 @@ def run(job: Job) -> Summary:
     ctx = DataContext.get_current()
     ctx.checkpoint_config = output.checkpoint_config(out, job.id_field)
     ctx.enable_progress_bars = False  # one bar for the job instead (batch/progress.py)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines would tear the bar
+    ray_data_log = logging.getLogger("ray.data")
+    ray_data_log.setLevel(logging.WARNING)  # its per-run INFO lines would tear the bar
+    ray_data_log.addFilter(lambda r: "Progress bars disabled" not in r.getMessage())  # ours is on
     done_before = output.committed_rows(out)
     rows = sources.count_rows(files, fmt)
-    id_type = sources.parquet_id_type(files, job.id_field) if fmt == "parquet" else sources.pa.string()
-    source = sources.RowsSource(files, fmt, job.id_field, job.text_field, sources.text_check,
-                                str(out / output.ERRORS_DIR), id_type, rows)
+    fields = sources.Fields(job.id_field, job.text_field, sources.text_check)
+    if fmt == "parquet":
+        fields = dataclasses.replace(fields, id_type=sources.parquet_id_type(files, job.id_field))
+    source = sources.RowsSource(files, fmt, fields, str(out / output.ERRORS_DIR), rows)
     counter = RowCounter.remote()
     ds = ray.data.read_datasource(source)
     ds = _pipeline(ds, job, spec, truncate, cluster, counter)

@@ -99,61 +99,77 @@ def _id(value: Any) -> tuple[str | None, str | None]:
     return str(value), None
 
 
-class RowsSource(FileBasedDatasource):
-    """Reads (id, value, error) rows from JSONL, CSV or Parquet files (see the module's doc)."""
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    """Which fields of a row are read, and how."""
 
-    def __init__(self, paths: list[str], fmt: str, id_field: str, value_field: str, check: Check,
-                 errors_dir: str, id_type: pa.DataType | None = None, rows: dict[str, int] | None = None):
-        super().__init__(paths, meta_provider=_RowCounts(rows or {}))
-        self.fmt, self.id_field, self.value_field, self.check = fmt, id_field, value_field, check
-        self.errors_dir, self.id_type = errors_dir, id_type or pa.string()
+    id_field: str
+    value_field: str
+    check: Check  # the value as it goes down the pipeline, or why not
+    id_type: pa.DataType = dataclasses.field(default_factory=pa.string)  # Parquet: its column's
 
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        chunks = self._parquet(f, path) if self.fmt == "parquet" else self._text(f, path)
-        for index, (rows, no_id) in enumerate(chunks):
-            if no_id:
-                write_noid_errors(self.errors_dir, path, index, no_id)
-            if rows is not None and rows.num_rows:
-                yield rows
-
-    def _text(self, f: pa.NativeFile, path: str) -> Iterator[tuple[pa.Table, list[dict]]]:
-        stream = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="" if self.fmt == "csv" else None)
-        records = _csv_records(stream) if self.fmt == "csv" else _jsonl_records(stream)
-        ids, values, errors, no_id = [], [], [], []
-        for line, record, problem in records:
-            rid, id_problem = (None, problem) if problem else _id(record.get(self.id_field))
-            if id_problem:
-                no_id.append({"reason": id_problem, "source": f"{path}:{line}"})
-                continue
-            value, reason = self.check(record.get(self.value_field))
-            ids.append(rid), values.append(value), errors.append(reason)
-            if len(ids) + len(no_id) >= CHUNK_ROWS:
-                yield self._table(ids, values, errors), no_id
-                ids, values, errors, no_id = [], [], [], []
-        yield self._table(ids, values, errors), no_id
-
-    def _table(self, ids: list, values: list, errors: list) -> pa.Table:
+    def table(self, ids: list | pa.Array, values: list, errors: list) -> pa.Table:
         return pa.table({self.id_field: pa.array(ids, self.id_type), VALUE: pa.array(values, pa.string()),
                          ERROR: pa.array(errors, pa.string())})
 
-    def _parquet(self, f: pa.NativeFile, path: str) -> Iterator[tuple[pa.Table, list[dict]]]:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        if self.id_field not in names:
-            raise InputError(f"{path}: no column {self.id_field!r} (columns: {', '.join(names)}); see --id-field")
-        columns = [self.id_field] + ([self.value_field] if self.value_field in names else [])
-        first_row = 0
-        for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
-            ids = batch.column(self.id_field)
-            raw = batch.column(self.value_field).to_pylist() if self.value_field in names else [None] * len(ids)
-            checked = [self.check(v) for v in raw]
-            no_id = [{"reason": "missing id", "source": f"{path}:row {first_row + i}"}
-                     for i, valid in enumerate(ids.is_valid().to_pylist()) if not valid]
-            keep = ids.is_valid()
-            table = pa.table({self.id_field: ids, VALUE: pa.array([c[0] for c in checked], pa.string()),
-                              ERROR: pa.array([c[1] for c in checked], pa.string())})
-            first_row += len(ids)
-            yield table.filter(keep), no_id
+
+class RowsSource(FileBasedDatasource):
+    """Reads (id, value, error) rows from JSONL, CSV or Parquet files (see the module's doc)."""
+
+    def __init__(self, paths: list[str], fmt: str, fields: Fields, errors_dir: str, rows: dict[str, int] | None = None):
+        super().__init__(paths, meta_provider=_RowCounts(rows or {}))
+        self.fmt, self.fields, self.errors_dir = fmt, fields, errors_dir
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        if self.fmt == "parquet":  # Parquet needs seeking: the file, not the stream
+            chunks = parquet_chunks(pq.ParquetFile(self._filesystem.open_input_file(path)), self.fields, path)
+        else:
+            chunks = text_chunks(f, self.fmt, self.fields, path)
+        for index, (rows, no_id) in enumerate(chunks):
+            if no_id:
+                write_noid_errors(self.errors_dir, path, index, no_id)
+            if rows.num_rows:
+                yield rows
+
+
+Chunk = tuple[pa.Table, list[dict]]  # rows with an id; errors of rows without one (reason, source)
+
+
+def text_chunks(f, fmt: str, fields: Fields, path: str) -> Iterator[Chunk]:
+    """JSONL or CSV rows from the binary stream `f`, CHUNK_ROWS lines at a time."""
+    stream = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="" if fmt == "csv" else None)
+    records = _csv_records(stream) if fmt == "csv" else _jsonl_records(stream)
+    ids, values, errors, no_id = [], [], [], []
+    for line, record, problem in records:
+        rid, id_problem = (None, problem) if problem else _id(record.get(fields.id_field))
+        if id_problem:
+            no_id.append({"reason": id_problem, "source": f"{path}:{line}"})
+            continue
+        value, reason = fields.check(record.get(fields.value_field))
+        ids.append(rid), values.append(value), errors.append(reason)
+        if len(ids) + len(no_id) >= CHUNK_ROWS:
+            yield fields.table(ids, values, errors), no_id
+            ids, values, errors, no_id = [], [], [], []
+    yield fields.table(ids, values, errors), no_id
+
+
+def parquet_chunks(pf: pq.ParquetFile, fields: Fields, path: str) -> Iterator[Chunk]:
+    """Parquet rows, CHUNK_ROWS at a time; a value column of another type than the check wants makes
+    every row an error, a missing one every row a `missing` one."""
+    names = pf.schema_arrow.names
+    if fields.id_field not in names:
+        raise InputError(f"{path}: no column {fields.id_field!r} (columns: {', '.join(names)}); see --id-field")
+    has_value = fields.value_field in names
+    first_row = 0
+    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=[fields.id_field] + [fields.value_field] * has_value):
+        ids = batch.column(fields.id_field)
+        raw = batch.column(fields.value_field).to_pylist() if has_value else [None] * len(ids)
+        checked = [fields.check(v) for v in raw]
+        valid = ids.is_valid()
+        no_id = [{"reason": "missing id", "source": f"{path}:row {first_row + i}"}
+                 for i, ok in enumerate(valid.to_pylist()) if not ok]
+        first_row += len(ids)
+        yield fields.table(ids, [c[0] for c in checked], [c[1] for c in checked]).filter(valid), no_id
 
 
 class _RowCounts(DefaultFileMetadataProvider):

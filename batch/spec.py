@@ -69,7 +69,7 @@ def find_model(config_path: Path, name: str, task: str) -> tuple[ModelConfig, di
             except ValidationError as exc:
                 raise SpecError(f"{config_path}: model {name!r}: {exc}") from exc
             if cfg.task != task:
-                raise SpecError(f"model {name!r} is a {cfg.task} model; `python -m batch {task}` needs a {task} one")
+                raise SpecError(f"model {name!r} has task {cfg.task!r}; `python -m batch {task}` needs a {task!r} model")
             options = {d["name"]: d.get("ray_actor_options") or {} for d in app.get("deployments") or []}
             return cfg, options
     raise SpecError(f"no model {name!r} in {config_path}; models there: {', '.join(map(str, seen)) or 'none'}")
