@@ -14,7 +14,7 @@ import torch
 
 from app.config import ModelConfig
 from batch import output, sources
-from batch.sources import ERROR, VALUE, Fields, InputError, expand, parquet_chunks, text_chunks, text_check
+from batch.sources import ERROR, VALUE, Fields, InputError, expand, parquet_chunks, text_check, text_chunks
 from batch.spec import Overrides, Pool, SpecError, check_fits, find_model, fit_concurrency, model_spec
 from models.embedding import EmbeddingModel
 from models.encoder_stages import load_encoder_stage, run_rows
