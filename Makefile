@@ -101,4 +101,4 @@ bench: setup
 	$(PY) -m benchmarks.bench
 	$(PY) -m benchmarks.bench_generate
 	command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
-	$(PY) -m batch.bench
+	$(PY) -m benchmarks.bench_batch

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from batch.output import ManifestMismatch
 from batch.run import Job, run
@@ -36,18 +38,20 @@ def _concurrency(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _positive(kind):
-    def parse(text: str):
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
         return value
+
     return parse
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m batch", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="task", required=True)
     for task, value_help in (("embed", "text"), ("generate", "prompt (a string) or messages (a chat)")):
         p = sub.add_parser(task, help=f"{task} every row of the input")
@@ -56,18 +60,26 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--output", required=True, type=Path, help="directory for the results (Parquet) and errors")
         p.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml", help="default: serve_config.yaml")
         p.add_argument("--id-field", default="id", help="the column holding each row's unique id (default: id)")
-        p.add_argument("--text-field", default="text" if task == "embed" else "prompt",
-                       help=f"the column holding the {value_help}")
+        p.add_argument(
+            "--text-field", default="text" if task == "embed" else "prompt", help=f"the column holding the {value_help}"
+        )
         p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="default: from the file names")
         p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of recording an error")
         p.add_argument("--batch-size", type=_positive(int), default=256, help="rows per call of each stage")
-        p.add_argument("--rows-per-file", type=_positive(int), default=20_000,
-                       help="rows gathered into one result file (and one commit)")
+        p.add_argument(
+            "--rows-per-file",
+            type=_positive(int),
+            default=20_000,
+            help="rows gathered into one result file (and one commit)",
+        )
         p.add_argument("--num-cpus", type=float, help="CPUs per model actor (default: the config's)")
         p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: the config's)")
         p.add_argument("--num-threads", type=_positive(int), help="torch threads per model actor")
-        p.add_argument("--concurrency", type=_concurrency, help="actors per model pool: N or MIN,MAX "
-                       "(default: 1 to as many as the cluster holds)")
+        p.add_argument(
+            "--concurrency",
+            type=_concurrency,
+            help="actors per model pool: N or MIN,MAX (default: 1 to as many as the cluster holds)",
+        )
         p.add_argument("--tokenize-cpus", type=float, default=1.0, help="CPUs per tokenize task")
         p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -77,11 +89,23 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    job = Job(task=args.task, model=args.model, input=args.input, output=args.output, config=args.config,
-              id_field=args.id_field, text_field=args.text_field, format=args.format, truncate=args.truncate,
-              batch_size=args.batch_size, rows_per_file=args.rows_per_file, tokenize_cpus=args.tokenize_cpus,
-              overrides=Overrides(args.num_cpus, args.num_gpus, args.num_threads, args.concurrency),
-              address=args.address, progress=args.progress)
+    job = Job(
+        task=args.task,
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        config=args.config,
+        id_field=args.id_field,
+        text_field=args.text_field,
+        format=args.format,
+        truncate=args.truncate,
+        batch_size=args.batch_size,
+        rows_per_file=args.rows_per_file,
+        tokenize_cpus=args.tokenize_cpus,
+        overrides=Overrides(args.num_cpus, args.num_gpus, args.num_threads, args.concurrency),
+        address=args.address,
+        progress=args.progress,
+    )
     try:
         summary = run(job)
     except (InputError, SpecError, ManifestMismatch) as exc:

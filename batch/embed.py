@@ -15,12 +15,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 import torch
+from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy
 
 from batch.sources import ERROR, VALUE
@@ -62,10 +64,17 @@ def tokenize(batch: pa.Table, job: EmbedJob) -> pa.Table:
         if len(ids) <= model.max_tokens or job.truncate:
             tokens[i] = model.truncate(ids)
         else:
-            errors[i] = (f"text has {len(ids)} tokens; model {job.name!r} accepts at most {model.max_tokens} "
-                         "(shorten it, or run with --truncate)")
-    return pa.table({job.id_field: batch[job.id_field], TOKENS: pa.array(tokens, pa.list_(pa.int32())),
-                     ERROR: pa.array(errors, pa.string())})
+            errors[i] = (
+                f"text has {len(ids)} tokens; model {job.name!r} accepts at most {model.max_tokens} "
+                "(shorten it, or run with --truncate)"
+            )
+    return pa.table(
+        {
+            job.id_field: batch[job.id_field],
+            TOKENS: pa.array(tokens, pa.list_(pa.int32())),
+            ERROR: pa.array(errors, pa.string()),
+        }
+    )
 
 
 def _device(job: EmbedJob, pool: Pool) -> str:
@@ -77,7 +86,7 @@ def _device(job: EmbedJob, pool: Pool) -> str:
 class WholeModel:
     """An actor holding the whole model: EmbeddingModel.embed_ids, as the online Embedder runs it."""
 
-    def __init__(self, job: EmbedJob, pool: Pool, counter=None):
+    def __init__(self, job: EmbedJob, pool: Pool, counter: ActorHandle | None = None):
         torch.set_num_threads(pool.threads)
         self.job, self.counter = job, counter
         self.model = EmbeddingModel(Path(job.path), device=_device(job, pool), max_input_tokens=job.max_input_tokens)
@@ -93,12 +102,15 @@ class WholeModel:
 class EncoderStagePool:
     """An actor holding one stage (layers [start, end)) of a split encoder."""
 
-    def __init__(self, job: EmbedJob, pool: Pool, first: bool, last: bool, counter=None):
+    def __init__(self, job: EmbedJob, pool: Pool, first: bool, last: bool, counter: ActorHandle | None = None):
         torch.set_num_threads(pool.threads)
         self.job, self.first, self.last, self.counter = job, first, last, counter
-        self.stage = load_encoder_stage(Path(job.path), *pool.layers, device=_device(job, pool))
-        self.pad_id = _tokenizer(job.path, job.max_input_tokens).pad_id
-        self.dim = int(self.stage.model.config.hidden_size)
+        if pool.layers is None:
+            raise ValueError(f"{pool.name}: a stage pool needs its layer range")
+        start, end = pool.layers
+        self.stage = load_encoder_stage(Path(job.path), start, end, device=_device(job, pool))
+        tokenizer = _tokenizer(job.path, job.max_input_tokens)
+        self.pad_id, self.dim = tokenizer.pad_id, tokenizer.dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = _good(batch)
@@ -111,11 +123,12 @@ class EncoderStagePool:
             _count(self.counter, batch.num_rows)
             vectors = np.stack(out) if out else np.empty((0, self.dim), np.float32)
             return _vectors_table(batch, self.job.id_field, good, vectors, self.dim)
-        return pa.table({self.job.id_field: batch[self.job.id_field], HIDDEN: _scatter_lists(out, good),
-                         ERROR: batch[ERROR]})
+        return pa.table(
+            {self.job.id_field: batch[self.job.id_field], HIDDEN: _scatter_lists(out, good), ERROR: batch[ERROR]}
+        )
 
 
-def _count(counter, rows: int) -> None:
+def _count(counter: ActorHandle | None, rows: int) -> None:
     if counter is not None:
         counter.add.remote(rows)  # fire and forget: progress only (batch/progress.py)
 
@@ -149,18 +162,32 @@ def _vectors_table(batch: pa.Table, id_field: str, good: pa.ChunkedArray, vector
     return pa.table({id_field: batch[id_field], EMBEDDING: column, ERROR: batch[ERROR]})
 
 
-def build(ds: ray.data.Dataset, job: EmbedJob, pools: list[Pool], concurrency: list[tuple[int, int]],
-          batch_size: int, tokenize_cpus: float, counter=None) -> ray.data.Dataset:
+def build(
+    ds: ray.data.Dataset,
+    job: EmbedJob,
+    pools: list[Pool],
+    concurrency: list[tuple[int, int]],
+    batch_size: int,
+    tokenize_cpus: float,
+    counter: ActorHandle | None = None,
+) -> ray.data.Dataset:
     """Append the tokenize stage and the model's actor pools to `ds`."""
-    ds = ds.map_batches(tokenize, fn_kwargs={"job": job}, batch_format="pyarrow", batch_size=batch_size,
-                        num_cpus=tokenize_cpus)
+    ds = ds.map_batches(
+        functools.partial(tokenize, job=job), batch_format="pyarrow", batch_size=batch_size, num_cpus=tokenize_cpus
+    )
     for k, (pool, conc) in enumerate(zip(pools, concurrency)):
-        if pool.layers is None:
-            fn, args = WholeModel, (job, pool, counter)
-        else:
-            fn, args = EncoderStagePool, (job, pool, k == 0, k == len(pools) - 1, counter)
-        extra = {"runtime_env": {"env_vars": pool.env}} if pool.env else {}
-        ds = ds.map_batches(fn, fn_constructor_args=args, batch_format="pyarrow", batch_size=batch_size,
-                            compute=ActorPoolStrategy(min_size=conc[0], max_size=conc[1]), num_cpus=pool.num_cpus,
-                            num_gpus=pool.num_gpus or None, **extra)
+        fn: type[WholeModel | EncoderStagePool] = WholeModel if pool.layers is None else EncoderStagePool
+        args: tuple[Any, ...] = (job, pool, counter)
+        if pool.layers is not None:
+            args = (job, pool, k == 0, k == len(pools) - 1, counter)
+        ds = ds.map_batches(
+            fn,
+            fn_constructor_args=args,
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
+            runtime_env={"env_vars": pool.env} if pool.env else None,
+        )
     return ds

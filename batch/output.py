@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+from ray.data._internal.execution.interfaces.task_context import TaskContext
 from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
 from ray.data.block import Block, BlockAccessor
 from ray.data.checkpoint import CheckpointConfig
@@ -54,8 +55,10 @@ def claim(out: Path, manifest: dict) -> None:
         diff = {k: (before.get(k), v) for k, v in manifest.items() if before.get(k) != v}
         if diff:
             detail = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in sorted(diff.items()))
-            raise ManifestMismatch(f"{out} holds the output of another run ({detail}): "
-                                   "give the same arguments to resume it, or another --output")
+            raise ManifestMismatch(
+                f"{out} holds the output of another run ({detail}): "
+                "give the same arguments to resume it, or another --output"
+            )
         return
     tmp = path.with_name(f".{MANIFEST}.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -64,8 +67,9 @@ def claim(out: Path, manifest: dict) -> None:
 
 def checkpoint_config(out: Path, id_field: str) -> CheckpointConfig:
     """Ray Data's checkpoint under DIR, kept after success so that a re-run skips every row."""
-    config = CheckpointConfig(id_column=id_field, checkpoint_path=str(out / CHECKPOINT_DIR),
-                              delete_checkpoint_on_success=False)
+    config = CheckpointConfig(
+        id_column=id_field, checkpoint_path=str(out / CHECKPOINT_DIR), delete_checkpoint_on_success=False
+    )
     # One filter actor: each holds every committed id, and a small machine has no core to spare.
     config.checkpoint_actor_pool_max_size = 1
     return config
@@ -87,7 +91,8 @@ class ResultSink(ParquetDatasink):
         self.id_field, self.columns = id_field, columns
         self.totals = {"ok": 0, "errors": 0}  # of this run, filled in on the driver when the write completes
 
-    def write(self, blocks: Iterable[Block], ctx) -> dict[str, int]:
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict[str, int]:  # type: ignore[override]
+        # Ray's file sinks return nothing; these counts reach on_write_complete on the driver.
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:

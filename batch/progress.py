@@ -12,19 +12,19 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from typing import cast
 
 import ray
+from ray.actor import ActorHandle
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 logger = logging.getLogger("batch")
 
 
-@ray.remote(num_cpus=0)
 class RowCounter:
     """Rows that have left the model; updated fire-and-forget by the model's actors."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rows = 0
 
     def add(self, n: int) -> None:
@@ -34,12 +34,18 @@ class RowCounter:
         return self.rows
 
 
-class JobProgress:
-    """Polls `count()` on a thread while the job runs; `total` is an estimate (JSONL/CSV: lines)."""
+def start_counter() -> ActorHandle:
+    """A RowCounter actor (no CPU) for this job."""
+    return cast(ActorHandle, ray.remote(num_cpus=0)(RowCounter).remote())
 
-    def __init__(self, count: Callable[[], int], total: int, enabled: bool = True, log_every_s: float = 30.0,
-                 poll_s: float = 0.5):
-        self.count, self.total, self.enabled = count, max(total, 0), enabled
+
+class JobProgress:
+    """Polls the job's RowCounter on a thread while the job runs; `total` is an estimate (JSONL/CSV: lines)."""
+
+    def __init__(
+        self, counter: ActorHandle, total: int, enabled: bool = True, log_every_s: float = 30.0, poll_s: float = 0.5
+    ):
+        self.counter, self.total, self.enabled = counter, max(total, 0), enabled
         self.log_every_s, self.poll_s = log_every_s, poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batch-progress", daemon=True)
@@ -48,7 +54,7 @@ class JobProgress:
         if self.enabled:
             self._thread.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -60,9 +66,15 @@ class JobProgress:
             self._log()
 
     def _bar(self) -> None:
-        columns = (TextColumn("[bold]rows"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} rows/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("[bold]rows"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} rows/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, transient=False) as bar:
             task = bar.add_task("rows", total=self.total or None, rate="-")
             start = time.monotonic()
@@ -80,11 +92,17 @@ class JobProgress:
             elapsed = time.monotonic() - start
             rate = done / elapsed if elapsed else 0.0
             eta = (self.total - done) / rate if rate and self.total > done else 0.0
-            logger.info("%s/%s rows, %.0f rows/s, elapsed %.0f s, ETA %.0f s", f"{done:,}", f"{self.total:,}", rate,
-                        elapsed, eta)
+            logger.info(
+                "%s/%s rows, %.0f rows/s, elapsed %.0f s, ETA %.0f s",
+                f"{done:,}",
+                f"{self.total:,}",
+                rate,
+                elapsed,
+                eta,
+            )
 
     def _safe_count(self) -> int:
         try:
-            return self.count()
+            return cast(int, ray.get(self.counter.get.remote(), timeout=10))
         except ray.exceptions.RayError:  # the counter is gone at shutdown: progress is cosmetic
             return 0

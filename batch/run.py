@@ -11,10 +11,12 @@ from pathlib import Path
 
 import ray
 import ray.data
+from ray.actor import ActorHandle
 from ray.data import DataContext
 
+from app.config import ModelConfig
 from batch import embed, output, sources
-from batch.progress import JobProgress, RowCounter
+from batch.progress import JobProgress, start_counter
 from batch.spec import ModelSpec, Overrides, check_fits, find_model, fit_concurrency, model_spec
 from models.loader import resolve_source
 
@@ -57,15 +59,24 @@ class Summary:
         return (self.rows_written + self.errors_written) / self.seconds if self.seconds else 0.0
 
     def render(self) -> str:
-        return (f"{self.rows_written:,} rows written, {self.errors_written:,} errors recorded, {self.done_before:,} "
-                f"done before and skipped, in {self.seconds:.1f} s ({self.rows_per_s:,.0f} rows/s)\n"
-                f"results: {self.output}/*.parquet   errors ({self.errors_total:,}): {self.output}/{output.ERRORS_FILE}")
+        return (
+            f"{self.rows_written:,} rows written, {self.errors_written:,} errors recorded, {self.done_before:,} "
+            f"done before and skipped, in {self.seconds:.1f} s ({self.rows_per_s:,.0f} rows/s)\n"
+            f"results: {self.output}/*.parquet   errors ({self.errors_total:,}): {self.output}/{output.ERRORS_FILE}"
+        )
 
 
 def manifest(job: Job, files: list[str], fmt: str) -> dict:
     """What must be equal for a run to resume another's output."""
-    return {"task": job.task, "model": job.model, "inputs": files, "format": fmt, "id_field": job.id_field,
-            "text_field": job.text_field, "truncate": job.truncate}
+    return {
+        "task": job.task,
+        "model": job.model,
+        "inputs": files,
+        "format": fmt,
+        "id_field": job.id_field,
+        "text_field": job.text_field,
+        "truncate": job.truncate,
+    }
 
 
 def run(job: Job) -> Summary:
@@ -90,33 +101,46 @@ def run(job: Job) -> Summary:
     if fmt == "parquet":
         fields = dataclasses.replace(fields, id_type=sources.parquet_id_type(files, job.id_field))
     source = sources.RowsSource(files, fmt, fields, str(out / output.ERRORS_DIR), rows)
-    counter = RowCounter.remote()
+    counter = start_counter()
     ds = ray.data.read_datasource(source)
     ds = _pipeline(ds, job, spec, truncate, cluster, counter)
     sink = output.ResultSink(str(out), job.id_field, [embed.EMBEDDING], job.rows_per_file)
     start = time.perf_counter()
     total = max(0, sum(rows.values()) - done_before)
-    with JobProgress(lambda: ray.get(counter.get.remote(), timeout=10), total, enabled=job.progress):
+    with JobProgress(counter, total, enabled=job.progress):
         ds.write_datasink(sink)
     seconds = time.perf_counter() - start
     totals = sink.totals
-    return Summary(rows_written=totals["ok"], errors_written=totals["errors"], done_before=done_before,
-                   errors_total=output.consolidate_errors(out, job.id_field),
-                   input_rows=sum(rows.values()), seconds=seconds, output=str(out))
+    return Summary(
+        rows_written=totals["ok"],
+        errors_written=totals["errors"],
+        done_before=done_before,
+        errors_total=output.consolidate_errors(out, job.id_field),
+        input_rows=sum(rows.values()),
+        seconds=seconds,
+        output=str(out),
+    )
 
 
-def _pipeline(ds: ray.data.Dataset, job: Job, spec: ModelSpec, truncate: bool, cluster: dict,
-              counter) -> ray.data.Dataset:
+def _pipeline(
+    ds: ray.data.Dataset, job: Job, spec: ModelSpec, truncate: bool, cluster: dict, counter: ActorHandle
+) -> ray.data.Dataset:
     cfg = spec.cfg
-    ejob = embed.EmbedJob(name=cfg.name, path=str(resolve_source(cfg.source)), id_field=job.id_field,
-                          max_input_tokens=cfg.max_input_tokens, truncate=truncate, chunk_size=cfg.max_batch_size,
-                          device=cfg.device)
+    ejob = embed.EmbedJob(
+        name=cfg.name,
+        path=str(resolve_source(cfg.source)),
+        id_field=job.id_field,
+        max_input_tokens=cfg.max_input_tokens,
+        truncate=truncate,
+        chunk_size=cfg.max_batch_size,
+        device=cfg.device,
+    )
     concurrency = [fit_concurrency(p, cluster, len(spec.pools)) for p in spec.pools]
     logger.info("pools: %s", [(asdict(p), c) for p, c in zip(spec.pools, concurrency)])
     return embed.build(ds, ejob, spec.pools, concurrency, job.batch_size, job.tokenize_cpus, counter)
 
 
-def _stage_layers(cfg) -> list[tuple[int, int]] | None:
+def _stage_layers(cfg: ModelConfig) -> list[tuple[int, int]] | None:
     if cfg.pipeline_stages == 1:
         return None
     from models.pipeline_plan import load_config, plan

@@ -61,10 +61,12 @@ def expand(path: str, fmt: str | None = None) -> tuple[list[str], str]:
             files = [f for f in files if _suffix(f) in FORMATS]
             formats.discard(None)
         if len(formats) > 1 or None in formats:
-            raise InputError(f"{path}: cannot tell one input format from the names ({sorted(map(str, formats))}); "
-                             f"give --format ({', '.join(sorted(set(FORMATS.values())))})")
+            raise InputError(
+                f"{path}: cannot tell one input format from the names ({sorted(map(str, formats))}); "
+                f"give --format ({', '.join(sorted(set(FORMATS.values())))})"
+            )
         fmt = formats.pop() if formats else None
-    if not files:
+    if not files or fmt is None:
         raise InputError(f"{path}: no input files")
     return [str(Path(f).resolve()) for f in files], fmt
 
@@ -88,7 +90,8 @@ def text_check(value: Any) -> tuple[Any, str | None]:
 
 def _json_type(value: Any) -> str:
     return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def _id(value: Any) -> tuple[str | None, str | None]:
@@ -109,8 +112,13 @@ class Fields:
     id_type: pa.DataType = dataclasses.field(default_factory=pa.string)  # Parquet: its column's
 
     def table(self, ids: list | pa.Array, values: list, errors: list) -> pa.Table:
-        return pa.table({self.id_field: pa.array(ids, self.id_type), VALUE: pa.array(values, pa.string()),
-                         ERROR: pa.array(errors, pa.string())})
+        return pa.table(
+            {
+                self.id_field: pa.array(ids, self.id_type),
+                VALUE: pa.array(values, pa.string()),
+                ERROR: pa.array(errors, pa.string()),
+            }
+        )
 
 
 class RowsSource(FileBasedDatasource):
@@ -135,7 +143,7 @@ class RowsSource(FileBasedDatasource):
 Chunk = tuple[pa.Table, list[dict]]  # rows with an id; errors of rows without one (reason, source)
 
 
-def text_chunks(f, fmt: str, fields: Fields, path: str) -> Iterator[Chunk]:
+def text_chunks(f: Any, fmt: str, fields: Fields, path: str) -> Iterator[Chunk]:
     """JSONL or CSV rows from the binary stream `f`, CHUNK_ROWS lines at a time."""
     stream = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="" if fmt == "csv" else None)
     records = _csv_records(stream) if fmt == "csv" else _jsonl_records(stream)
@@ -146,7 +154,9 @@ def text_chunks(f, fmt: str, fields: Fields, path: str) -> Iterator[Chunk]:
             no_id.append({"reason": id_problem, "source": f"{path}:{line}"})
             continue
         value, reason = fields.check(record.get(fields.value_field))
-        ids.append(rid), values.append(value), errors.append(reason)
+        ids.append(rid)
+        values.append(value)
+        errors.append(reason)
         if len(ids) + len(no_id) >= CHUNK_ROWS:
             yield fields.table(ids, values, errors), no_id
             ids, values, errors, no_id = [], [], [], []
@@ -166,8 +176,11 @@ def parquet_chunks(pf: pq.ParquetFile, fields: Fields, path: str) -> Iterator[Ch
         raw = batch.column(fields.value_field).to_pylist() if has_value else [None] * len(ids)
         checked = [fields.check(v) for v in raw]
         valid = ids.is_valid()
-        no_id = [{"reason": "missing id", "source": f"{path}:row {first_row + i}"}
-                 for i, ok in enumerate(valid.to_pylist()) if not ok]
+        no_id = [
+            {"reason": "missing id", "source": f"{path}:row {first_row + i}"}
+            for i, ok in enumerate(valid.to_pylist())
+            if not ok
+        ]
         first_row += len(ids)
         yield fields.table(ids, [c[0] for c in checked], [c[1] for c in checked]).filter(valid), no_id
 
@@ -180,9 +193,8 @@ class _RowCounts(DefaultFileMetadataProvider):
         super().__init__()
         self.rows = rows
 
-    def _get_block_metadata(self, paths: list[str], *, rows_per_file: int | None,
-                            file_sizes: list[int | None]) -> BlockMetadata:
-        meta = super()._get_block_metadata(paths, rows_per_file=rows_per_file, file_sizes=file_sizes)
+    def _get_block_metadata(self, paths: list[str], **kwargs: Any) -> BlockMetadata:
+        meta = super()._get_block_metadata(paths, **kwargs)
         if all(p in self.rows for p in paths):
             meta = dataclasses.replace(meta, num_rows=sum(self.rows[p] for p in paths))
         return meta
@@ -214,8 +226,13 @@ def write_noid_errors(errors_dir: str, path: str, chunk: int, rows: list[dict]) 
     """Rows without a usable id, written at once under a name fixed by (file, chunk): idempotent."""
     digest = hashlib.sha1(path.encode()).hexdigest()[:16]
     target = Path(errors_dir) / f"noid-{digest}-{chunk:08d}.parquet"
-    table = pa.table({"id": pa.nulls(len(rows), pa.string()), "reason": [r["reason"] for r in rows],
-                      "source": [r["source"] for r in rows]})
+    table = pa.table(
+        {
+            "id": pa.nulls(len(rows), pa.string()),
+            "reason": [r["reason"] for r in rows],
+            "source": [r["source"] for r in rows],
+        }
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)

@@ -69,29 +69,35 @@ def find_model(config_path: Path, name: str, task: str) -> tuple[ModelConfig, di
             except ValidationError as exc:
                 raise SpecError(f"{config_path}: model {name!r}: {exc}") from exc
             if cfg.task != task:
-                raise SpecError(f"model {name!r} has task {cfg.task!r}; `python -m batch {task}` needs a {task!r} model")
+                raise SpecError(
+                    f"model {name!r} has task {cfg.task!r}; `python -m batch {task}` needs a {task!r} model"
+                )
             options = {d["name"]: d.get("ray_actor_options") or {} for d in app.get("deployments") or []}
             return cfg, options
     raise SpecError(f"no model {name!r} in {config_path}; models there: {', '.join(map(str, seen)) or 'none'}")
 
 
-def model_spec(cfg: ModelConfig, options: dict[str, dict], overrides: Overrides,
-               stage_layers: list[tuple[int, int]] | None = None) -> ModelSpec:
+def model_spec(
+    cfg: ModelConfig, options: dict[str, dict], overrides: Overrides, stage_layers: list[tuple[int, int]] | None = None
+) -> ModelSpec:
     """The model's actor pools: one for a whole model, one per stage (`stage_layers`) for a split one."""
     if cfg.pipeline_stages == 1:
         pools = [_pool(cfg, cfg.deployment_name, options, "whole", None)]
+    elif stage_layers is None:
+        raise SpecError(f"model {cfg.name!r}: pipeline_stages {cfg.pipeline_stages} needs each stage's layers")
     else:
         pools = [_pool(cfg, cfg.stage_name(k), options, "stage", layers) for k, layers in enumerate(stage_layers)]
     return ModelSpec(cfg, [_override(p, overrides) for p in pools])
 
 
-def _pool(cfg: ModelConfig, name: str, options: dict[str, dict], kind: str, layers) -> Pool:
+def _pool(cfg: ModelConfig, name: str, options: dict[str, dict], kind: str, layers: tuple[int, int] | None) -> Pool:
     opts = options.get(name, {})
     cpus = float(opts.get("num_cpus", DEFAULT_CPUS[kind]))
     env = dict(((opts.get("runtime_env") or {}).get("env_vars")) or {})
     threads = cfg.num_threads or max(1, int(cpus))
-    return Pool(name=name, num_cpus=cpus, num_gpus=float(opts.get("num_gpus", 0)), threads=threads, env=env,
-                layers=layers)
+    return Pool(
+        name=name, num_cpus=cpus, num_gpus=float(opts.get("num_gpus", 0)), threads=threads, env=env, layers=layers
+    )
 
 
 def _override(pool: Pool, o: Overrides) -> Pool:
@@ -122,10 +128,14 @@ def check_fits(spec: ModelSpec, cluster: dict[str, float], task_cpus: float) -> 
     Ray Data's checkpoint filter actor (1 CPU, on a resume)."""
     for pool in spec.pools:
         if pool.num_gpus > cluster.get("GPU", 0):
-            raise SpecError(f"{pool.name} needs {pool.num_gpus:g} GPU per actor; the cluster has "
-                            f"{cluster.get('GPU', 0):g} (override with --num-gpus)")
+            raise SpecError(
+                f"{pool.name} needs {pool.num_gpus:g} GPU per actor; the cluster has "
+                f"{cluster.get('GPU', 0):g} (override with --num-gpus)"
+            )
     need = sum(p.num_cpus for p in spec.pools) + task_cpus + 1
     if need > cluster.get("CPU", 0):
-        raise SpecError(f"the model's pools ({', '.join(f'{p.name}: {p.num_cpus:g}' for p in spec.pools)} CPU), a "
-                        f"{task_cpus:g}-CPU task and Ray Data's 1-CPU checkpoint filter need {need:g} CPUs; the "
-                        f"cluster has {cluster.get('CPU', 0):g} (lower --num-cpus or --tokenize-cpus)")
+        raise SpecError(
+            f"the model's pools ({', '.join(f'{p.name}: {p.num_cpus:g}' for p in spec.pools)} CPU), a "
+            f"{task_cpus:g}-CPU task and Ray Data's 1-CPU checkpoint filter need {need:g} CPUs; the "
+            f"cluster has {cluster.get('CPU', 0):g} (lower --num-cpus or --tokenize-cpus)"
+        )

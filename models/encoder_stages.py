@@ -72,7 +72,7 @@ def run_rows(stage: EncoderStage, rows: list[np.ndarray], chunk_size: int, pad_i
     states [T, H] into a later one. Rows go in chunks sorted by length, padded to the chunk's longest
     (padding masked, so a row's result does not depend on its chunk mates). Per row, in input order:
     the hidden states [T, H] of its tokens, or from a last stage its pooled vector [H] (float32)."""
-    out: list[np.ndarray | None] = [None] * len(rows)
+    out: dict[int, np.ndarray] = {}
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for start in range(0, len(order), chunk_size):
         idx = order[start : start + chunk_size]
@@ -87,7 +87,7 @@ def run_rows(stage: EncoderStage, rows: list[np.ndarray], chunk_size: int, pad_i
             states[row, :n] = torch.as_tensor(rows[i])
             mask[row, :n] = 1
         result = stage(Hidden(states, mask))
-        if stage.last:
+        if isinstance(result, torch.Tensor):  # the last stage's pooled vectors
             vectors = result.numpy()
             for row, i in enumerate(idx):
                 out[i] = vectors[row]
@@ -95,4 +95,4 @@ def run_rows(stage: EncoderStage, rows: list[np.ndarray], chunk_size: int, pad_i
             hidden = result.states.float().cpu().numpy()
             for row, (i, n) in enumerate(zip(idx, lengths)):
                 out[i] = hidden[row, :n]
-    return out
+    return [out[i] for i in range(len(rows))]

@@ -33,7 +33,7 @@ def write_csv(path: Path, ids) -> Path:
         w = csv.writer(fh)
         w.writerow(["doc", "body", "other"])
         for i in ids:
-            w.writerow([f"d{i}", sentence(i), "x,\"quoted\"\nline"])
+            w.writerow([f"d{i}", sentence(i), 'x,"quoted"\nline'])
     return path
 
 

@@ -51,14 +51,27 @@ def test_driver_killed_and_restarted_writes_each_row_exactly_once(tmp_path):
     n = 1500
     path = write_jsonl(tmp_path / "in.jsonl", range(n), [json.dumps({"id": "no-text"})])
     out = tmp_path / "out"
-    args = batch_cli("--model", MODEL, "--input", str(path), "--output", str(out), "--rows-per-file", "100",
-                     "--batch-size", "50", "--no-progress")
+    args = batch_cli(
+        "--model",
+        MODEL,
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--rows-per-file",
+        "100",
+        "--batch-size",
+        "50",
+        "--no-progress",
+    )
     with (tmp_path / "first.log").open("w") as log:
-        first = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            args, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
-        wait_for_condition(lambda: output.committed_rows(out) > 0 or first.poll() is not None, timeout=300,
-                           retry_interval_ms=200)
+        wait_for_condition(
+            lambda: output.committed_rows(out) > 0 or first.poll() is not None, timeout=300, retry_interval_ms=200
+        )
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         os.kill(first.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or a lost node would
         first.wait()
@@ -80,19 +93,49 @@ def test_driver_killed_and_restarted_writes_each_row_exactly_once(tmp_path):
 def test_another_run_into_the_same_output_is_refused(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", range(3))
     out = tmp_path / "out"
-    output.claim(out, {"task": "embed", "model": f"{MODEL}-pipeline", "inputs": [str(path)], "format": "jsonl",
-                       "id_field": "id", "text_field": "text", "truncate": False})
-    done = subprocess.run(check=False, args=batch_cli("--model", MODEL, "--input", str(path), "--output", str(out)), cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=120)
+    output.claim(
+        out,
+        {
+            "task": "embed",
+            "model": f"{MODEL}-pipeline",
+            "inputs": [str(path)],
+            "format": "jsonl",
+            "id_field": "id",
+            "text_field": "text",
+            "truncate": False,
+        },
+    )
+    done = subprocess.run(
+        check=False,
+        args=batch_cli("--model", MODEL, "--input", str(path), "--output", str(out)),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "holds the output of another run" in done.stderr and f"{MODEL}-pipeline" in done.stderr
 
 
 def test_unknown_model_and_missing_input_exit_2_naming_them(tmp_path):
-    done = subprocess.run(check=False, args=batch_cli("--model", "nope", "--input", "x.jsonl", "--output", str(tmp_path / "o")),
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        check=False,
+        args=batch_cli("--model", "nope", "--input", "x.jsonl", "--output", str(tmp_path / "o")),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "no model 'nope'" in done.stderr and MODEL in done.stderr
-    done = subprocess.run(check=False, args=batch_cli("--model", MODEL, "--input", str(tmp_path / "none*.jsonl"), "--output",
-                                    str(tmp_path / "o")), cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        check=False,
+        args=batch_cli("--model", MODEL, "--input", str(tmp_path / "none*.jsonl"), "--output", str(tmp_path / "o")),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "no input files" in done.stderr

@@ -33,8 +33,15 @@ def model(bundled_path) -> EmbeddingModel:
 
 
 def job(input_path, out: Path, **kw) -> Job:
-    return Job(task="embed", model=kw.pop("model", MODEL), input=str(input_path), output=out, config=SERVE_CONFIG,
-               progress=False, **kw)
+    return Job(
+        task="embed",
+        model=kw.pop("model", MODEL),
+        input=str(input_path),
+        output=out,
+        config=SERVE_CONFIG,
+        progress=False,
+        **kw,
+    )
 
 
 def assert_vectors(got: dict, keys, ids, model: EmbeddingModel) -> None:
@@ -45,9 +52,18 @@ def assert_vectors(got: dict, keys, ids, model: EmbeddingModel) -> None:
 
 
 def test_jsonl_file_bad_rows_go_to_the_errors_file(cluster, tmp_path, model, reference):
-    path = write_jsonl(tmp_path / "in.jsonl", range(120), [
-        json.dumps({"id": 1000, "text": 7}), json.dumps({"id": 1001}), json.dumps({"id": 1002, "text": LONG}),
-        "not json", json.dumps({"text": "no id"}), json.dumps({"id": [1], "text": "a list for an id"})])
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        range(120),
+        [
+            json.dumps({"id": 1000, "text": 7}),
+            json.dumps({"id": 1001}),
+            json.dumps({"id": 1002, "text": LONG}),
+            "not json",
+            json.dumps({"text": "no id"}),
+            json.dumps({"id": [1], "text": "a list for an id"}),
+        ],
+    )
     summary = run(job(path, tmp_path / "out"))
     assert (summary.rows_written, summary.errors_written, summary.errors_total) == (120, 3, 6)
     got = read_output(tmp_path / "out")
@@ -119,8 +135,9 @@ def test_model_actor_killed_mid_run_loses_no_row(cluster, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", range(n))
     out = tmp_path / "out"
     result: list[Summary] = []
-    runner = threading.Thread(target=lambda: result.append(run(job(path, out, rows_per_file=100, batch_size=50))),
-                              daemon=True)
+    runner = threading.Thread(
+        target=lambda: result.append(run(job(path, out, rows_per_file=100, batch_size=50))), daemon=True
+    )
     runner.start()
     wait_for_condition(lambda: output.committed_rows(out) > 0, timeout=240, retry_interval_ms=200)
     actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True)

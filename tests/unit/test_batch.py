@@ -30,8 +30,11 @@ def test_expand_a_file_a_directory_and_a_glob(tmp_path):
     (tmp_path / "sub" / "c.jsonl").write_text("")
     assert expand(str(tmp_path / "a.jsonl")) == ([str(tmp_path / "a.jsonl")], "jsonl")
     files, fmt = expand(str(tmp_path))
-    assert fmt == "jsonl" and [f.rsplit("/", 2)[-2:] for f in files] == [[tmp_path.name, "a.jsonl"],
-                                                                         [tmp_path.name, "b.jsonl"], ["sub", "c.jsonl"]]
+    assert fmt == "jsonl" and [f.rsplit("/", 2)[-2:] for f in files] == [
+        [tmp_path.name, "a.jsonl"],
+        [tmp_path.name, "b.jsonl"],
+        ["sub", "c.jsonl"],
+    ]
     assert expand(str(tmp_path / "*.jsonl"))[0] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
     with pytest.raises(InputError, match="--format"):
         expand(str(tmp_path / "*"))  # .jsonl and .txt
@@ -40,18 +43,30 @@ def test_expand_a_file_a_directory_and_a_glob(tmp_path):
 
 
 def chunks_of(text: str, fmt: str, fields: Fields = FIELDS) -> tuple[pa.Table, list[dict]]:
-    (table, no_id), = list(text_chunks(io.BytesIO(text.encode()), fmt, fields, "in"))
+    ((table, no_id),) = list(text_chunks(io.BytesIO(text.encode()), fmt, fields, "in"))
     return table, no_id
 
 
 def test_jsonl_rows_keep_their_id_and_carry_their_error():
-    lines = [{"id": 1, "text": "a"}, {"id": "x", "text": ""}, {"id": 2, "text": 3}, {"id": 3}, {"id": 4, "text": None},
-             {"id": 5, "text": ["a"]}]
+    lines = [
+        {"id": 1, "text": "a"},
+        {"id": "x", "text": ""},
+        {"id": 2, "text": 3},
+        {"id": 3},
+        {"id": 4, "text": None},
+        {"id": 5, "text": ["a"]},
+    ]
     table, no_id = chunks_of("\n".join(map(json.dumps, lines)) + "\n\n", "jsonl")
     assert table["id"].to_pylist() == ["1", "x", "2", "3", "4", "5"]
     assert table[VALUE].to_pylist() == ["a", "", None, None, None, None]
-    assert table[ERROR].to_pylist() == [None, None, "text: expected a string, got a number", "missing text",
-                                        "missing text", "text: expected a string, got an array"]
+    assert table[ERROR].to_pylist() == [
+        None,
+        None,
+        "text: expected a string, got a number",
+        "missing text",
+        "missing text",
+        "text: expected a string, got an array",
+    ]
     assert no_id == []
 
 
@@ -60,8 +75,13 @@ def test_rows_without_a_usable_id_are_kept_out_with_their_line():
     table, no_id = chunks_of(text, "jsonl")
     assert table.num_rows == 0
     assert [(e["source"], e["reason"].split(":")[0]) for e in no_id] == [
-        ("in:1", "missing id"), ("in:2", "missing id"), ("in:3", "expected a JSON object, got an array"),
-        ("in:4", "id"), ("in:5", "invalid JSON"), ("in:6", "id")]
+        ("in:1", "missing id"),
+        ("in:2", "missing id"),
+        ("in:3", "expected a JSON object, got an array"),
+        ("in:4", "id"),
+        ("in:5", "invalid JSON"),
+        ("in:6", "id"),
+    ]
 
 
 def test_csv_rows_by_header_with_quoted_newlines():
@@ -76,12 +96,12 @@ def test_csv_rows_by_header_with_quoted_newlines():
 def test_parquet_ids_keep_their_type_and_a_wrong_text_type_is_every_rows_error(tmp_path):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": pa.array([1, None, 3], pa.int64()), "text": ["a", "b", None]}), path)
-    (table, no_id), = list(parquet_chunks(pq.ParquetFile(path), Fields("id", "text", text_check, pa.int64()), "p"))
+    ((table, no_id),) = list(parquet_chunks(pq.ParquetFile(path), Fields("id", "text", text_check, pa.int64()), "p"))
     assert table["id"].type == pa.int64() and table["id"].to_pylist() == [1, 3]
     assert table[ERROR].to_pylist() == [None, "missing text"]
     assert no_id == [{"reason": "missing id", "source": "p:row 1"}]
     pq.write_table(pa.table({"id": ["a"], "text": [7]}), path)
-    (table, _), = list(parquet_chunks(pq.ParquetFile(path), FIELDS, "p"))
+    ((table, _),) = list(parquet_chunks(pq.ParquetFile(path), FIELDS, "p"))
     assert table[ERROR].to_pylist() == ["text: expected a string, got a number"]
     with pytest.raises(InputError, match="no column 'doc'"):
         list(parquet_chunks(pq.ParquetFile(path), Fields("doc", "text", text_check), "p"))
@@ -103,8 +123,10 @@ def test_models_come_from_the_serve_config_with_their_deployments_resources():
     cfg, options = find_model(SERVE_CONFIG, f"{MODEL}-pipeline", "embed")
     spec = model_spec(cfg, options, Overrides(num_gpus=1, concurrency=(1, 2)), [(0, 1), (1, 6)])
     assert [(p.name, p.layers, p.num_gpus, p.concurrency) for p in spec.pools] == [
-        (f"Stage0-{MODEL}-pipeline", (0, 1), 1, (1, 2)), (f"Stage1-{MODEL}-pipeline", (1, 6), 1, (1, 2))]
-    with pytest.raises(SpecError, match="no model 'nope'.*all-MiniLM-L6-v2"):
+        (f"Stage0-{MODEL}-pipeline", (0, 1), 1, (1, 2)),
+        (f"Stage1-{MODEL}-pipeline", (1, 6), 1, (1, 2)),
+    ]
+    with pytest.raises(SpecError, match=r"no model 'nope'.*all-MiniLM-L6-v2"):
         find_model(SERVE_CONFIG, "nope", "embed")
     with pytest.raises(SpecError, match="has task 'embed'"):
         find_model(SERVE_CONFIG, MODEL, "generate")
@@ -132,14 +154,21 @@ def test_manifest_refuses_another_run_and_accepts_the_same(tmp_path):
 
 def test_errors_file_gathers_every_part(tmp_path):
     (tmp_path / output.ERRORS_DIR).mkdir()
-    pq.write_table(pa.table({"id": pa.array([7, 8], pa.int64()), "reason": ["r1", "r2"]}),
-                   tmp_path / output.ERRORS_DIR / "task.parquet")
-    pq.write_table(pa.table({"id": pa.nulls(1, pa.string()), "reason": ["missing id"], "source": ["f:3"]}),
-                   tmp_path / output.ERRORS_DIR / "noid-x.parquet")
+    pq.write_table(
+        pa.table({"id": pa.array([7, 8], pa.int64()), "reason": ["r1", "r2"]}),
+        tmp_path / output.ERRORS_DIR / "task.parquet",
+    )
+    pq.write_table(
+        pa.table({"id": pa.nulls(1, pa.string()), "reason": ["missing id"], "source": ["f:3"]}),
+        tmp_path / output.ERRORS_DIR / "noid-x.parquet",
+    )
     assert output.consolidate_errors(tmp_path, "id") == 3
     lines = [json.loads(line) for line in (tmp_path / output.ERRORS_FILE).read_text().splitlines()]
-    assert lines == [{"id": None, "reason": "missing id", "source": "f:3"}, {"id": 7, "reason": "r1"},
-                     {"id": 8, "reason": "r2"}]
+    assert lines == [
+        {"id": None, "reason": "missing id", "source": "f:3"},
+        {"id": 7, "reason": "r1"},
+        {"id": 8, "reason": "r2"},
+    ]
 
 
 def test_split_encoder_run_row_by_row_gives_the_whole_models_vectors(bundled_path):

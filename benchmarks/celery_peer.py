@@ -7,7 +7,7 @@ the very ones `python -m batch` runs. Each task embeds a slice of rows exactly a
 model actor does (EmbeddingModel: tokenize, embed_ids in chunks of the model's max_batch_size) and
 writes its own Parquet part; the chord's callback adds up the rows.
 
-    PEER_REDIS_URL=redis://127.0.0.1:PORT/0 celery -A batch.celery_peer worker -c 2 ...
+    PEER_REDIS_URL=redis://127.0.0.1:PORT/0 celery -A benchmarks.celery_peer worker -c 2 ...
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from models.loader import resolve_source
 
 app = Celery("rayinfer_peer", broker=os.environ.get("PEER_REDIS_URL"), backend=os.environ.get("PEER_REDIS_URL"))
 app.conf.update(
-    task_serializer="json", result_serializer="json", accept_content=["json"],
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
     worker_prefetch_multiplier=1,  # a slow task does not hold back the queue behind it
     result_expires=3600,
 )

@@ -2,13 +2,13 @@
 model and numerics, and against a Celery fan-out over Redis, on the same JSONL rows, side by side
 in one run; then its vectors against the online service's /v1/embeddings.
 
-    python -m batch.bench [--rows 100000]        # report: artifacts/bench/batch.md
+    python -m benchmarks.bench_batch [--rows 100000]        # report: artifacts/bench/batch.md
 
 1. raw: one process holding the model (EmbeddingModel, the model's threads and max_batch_size),
    tokenize + embed_ids over the rows already in memory, slices of --batch-size: the limit.
 2. batch: `python -m batch embed --model M --input rows.jsonl --output DIR`, a local cluster of its own;
    rows/s from its summary (read to write, actor start-up and model load included).
-3. celery: redis-server, `celery worker` (prefork, each process holding the model: batch/celery_peer.py)
+3. celery: redis-server, `celery worker` (prefork, each process holding the model: benchmarks/celery_peer.py)
    and a chord of --batch-size slices, timed from submission to the chord's callback.
 4. online: `serve run` of the shipped config's embedding model; every row's /v1/embeddings vector is
    compared with the batch output (cosine).
@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from batch.peers import celery_run, online_cosines, raw_run
+from benchmarks.batch_peers import celery_run, online_cosines, raw_run
 from loadtest.scenarios import sentence
-from loadtest.servers import ROOT
+from tests.harness import ROOT
 
 NICE = 15
 
@@ -49,8 +49,24 @@ def make_input(path: Path, rows: int) -> Path:
 def batch_run(model: str, input_path: Path, out: Path, batch_size: int) -> dict:
     """`python -m batch embed` as a user runs it; rows/s from its summary line."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    cmd = ["nice", "-n", str(NICE), sys.executable, "-m", "batch", "embed", "--model", model, "--input",
-           str(input_path), "--output", str(out), "--batch-size", str(batch_size), "--no-progress"]
+    cmd = [
+        "nice",
+        "-n",
+        str(NICE),
+        sys.executable,
+        "-m",
+        "batch",
+        "embed",
+        "--model",
+        model,
+        "--input",
+        str(input_path),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--no-progress",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -61,32 +77,54 @@ def batch_run(model: str, input_path: Path, out: Path, batch_size: int) -> dict:
     line = next(x for x in done.stdout.splitlines() if "rows written" in x)
     rows = int(line.split(" rows written")[0].replace(",", ""))
     seconds = float(line.split(" in ")[1].split(" s ")[0])
-    return {"name": "python -m batch embed", "rows": rows, "seconds": seconds, "wall_s": wall,
-            "load": (load, os.getloadavg()[0])}
+    return {
+        "name": "python -m batch embed",
+        "rows": rows,
+        "seconds": seconds,
+        "wall_s": wall,
+        "load": (load, os.getloadavg()[0]),
+    }
 
 
 def report(results: list[dict], cos: dict, args: argparse.Namespace) -> str:
     raw = next(r for r in results if r["name"].startswith("raw"))
     batch = next(r for r in results if r["name"].startswith("python -m batch"))
-    lines = [f"## Batch embeddings: {args.rows:,} JSONL rows, {args.model} ({datetime.date.today()})", "",
-             (f"`python -m batch.bench --rows {args.rows}` on {platform.node()}, {os.cpu_count()} CPUs, every process "
-              "at nice 15; load average (1 min) before/after each run in the last column."), "",
-             "| run | rows | seconds | rows/s | vs raw | python -m batch vs it | load |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"## Batch embeddings: {args.rows:,} JSONL rows, {args.model} ({datetime.date.today()})",
+        "",
+        (
+            f"`python -m benchmarks.bench_batch --rows {args.rows}` on {platform.node()}, {os.cpu_count()} CPUs, "
+            "every process at nice 15; load average (1 min) before/after each run in the last column."
+        ),
+        "",
+        "| run | rows | seconds | rows/s | vs raw | python -m batch vs it | load |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         rate = r["rows"] / r["seconds"]
-        lines.append(f"| {r['name']} | {r['rows']:,} | {r['seconds']:.1f} | {rate:,.0f} | "
-                     f"{rate / (raw['rows'] / raw['seconds']):.2f}x | "
-                     f"{(batch['rows'] / batch['seconds']) / rate:.2f}x | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
-    lines += ["", f"`python -m batch embed` wall time, cluster start included: {batch['wall_s']:.1f} s.", "",
-              (f"Vectors against the online `/v1/embeddings` ({cos['rows']:,} rows): cosine min {cos['min']:.7f}, "
-               f"max abs difference {cos['max_abs']:.2e}; rows missing from the batch output: {cos['missing']}.")]
+        lines.append(
+            f"| {r['name']} | {r['rows']:,} | {r['seconds']:.1f} | {rate:,.0f} | "
+            f"{rate / (raw['rows'] / raw['seconds']):.2f}x | "
+            f"{(batch['rows'] / batch['seconds']) / rate:.2f}x | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
+        )
+    lines += [
+        "",
+        f"`python -m batch embed` wall time, cluster start included: {batch['wall_s']:.1f} s.",
+        "",
+        (
+            f"Vectors against the online `/v1/embeddings` ({cos['rows']:,} rows): cosine min {cos['min']:.7f}, "
+            f"max abs difference {cos['max_abs']:.2e}; rows missing from the batch output: {cos['missing']}."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m batch.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
     ap.add_argument("--batch-size", type=int, default=256, help="rows per model call, the same for all three")
@@ -95,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=ROOT / "artifacts" / "bench" / "batch")
     args = ap.parse_args(argv)
     rows = make_input(args.dir / "rows.jsonl", args.rows)
-    results = [raw_run(args.model, rows, args.batch_size, NICE),
-               batch_run(args.model, rows, args.dir / "batch-out", args.batch_size),
-               celery_run(args.model, rows, args.dir / "celery-out", args.batch_size, args.celery_procs, NICE)]
+    results = [
+        raw_run(args.model, rows, args.batch_size, NICE),
+        batch_run(args.model, rows, args.dir / "batch-out", args.batch_size),
+        celery_run(args.model, rows, args.dir / "celery-out", args.batch_size, args.celery_procs, NICE),
+    ]
     cos = online_cosines(args.model, rows, args.dir / "batch-out", args.online_every)
     text = report(results, cos, args)
     (args.dir.parent / "batch.md").write_text(text)

@@ -1,8 +1,8 @@
-"""What batch/bench.py measures `python -m batch` against: the raw in-process limit, a Celery fan-out over
+"""What benchmarks/bench_batch.py measures `python -m batch` against: the raw in-process limit, a Celery fan-out over
 Redis, and the online service's vectors. Each timed run is a process of its own at the bench's nice.
 
-    python -m batch.peers raw --model M --input rows.jsonl --batch-size 256      # prints {"rows", "seconds"}
-    <celery venv>/bin/python -m batch.peers celery-driver --input ... --out ...   # the chord, timed
+    python -m benchmarks.batch_peers raw --model M --input rows.jsonl --batch-size 256      # prints {"rows", "seconds"}
+    <celery venv>/bin/python -m benchmarks.batch_peers celery-driver --input ... --out ...   # the chord, timed
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from batch.spec import Overrides, find_model, model_spec
-from loadtest.servers import ROOT, free_port, serve_config_on, serve_run
+from tests.harness import ROOT, free_port, serve_config_on, serve_run
 
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 CELERY_VENV = ROOT / "artifacts" / "peers" / "celery-venv"
@@ -44,8 +44,21 @@ def _timed(cmd: list[str], env: dict[str, str], name: str) -> dict:
 def raw_run(model: str, rows: Path, batch_size: int, nice: int) -> dict:
     """The limit: the model's loop in one process, with the actor's threads and environment."""
     _, pool = _pool(model)
-    cmd = ["nice", "-n", str(nice), sys.executable, "-m", "batch.peers", "raw", "--model", model, "--input", str(rows),
-           "--batch-size", str(batch_size)]
+    cmd = [
+        "nice",
+        "-n",
+        str(nice),
+        sys.executable,
+        "-m",
+        "benchmarks.batch_peers",
+        "raw",
+        "--model",
+        model,
+        "--input",
+        str(rows),
+        "--batch-size",
+        str(batch_size),
+    ]
     return _timed(cmd, pool.env, f"raw: EmbeddingModel in one process, {pool.threads} threads")
 
 
@@ -73,8 +86,12 @@ def ensure_celery_venv() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(CELERY_VENV)], check=True)
     if subprocess.run([str(python), "-c", "import celery, redis"], capture_output=True, check=False).returncode:
         subprocess.run([str(python), "-m", "pip", "install", "-q", CELERY], check=True)
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # After its own packages: the repository and the project's venv (torch, transformers, the model).
     (Path(purelib) / "rayinfer-peer.pth").write_text(f"{ROOT}\n{sysconfig.get_paths()['purelib']}\n")
     return python
@@ -104,22 +121,66 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
     python = ensure_celery_venv()
     cfg, pool = _pool(model)
     port = free_port()
-    env = {**pool.env, "PEER_REDIS_URL": f"redis://127.0.0.1:{port}/0", "PEER_SOURCE": cfg.source,
-           "PEER_THREADS": str(max(1, pool.threads // procs))}
+    env = {
+        **pool.env,
+        "PEER_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "PEER_SOURCE": cfg.source,
+        "PEER_THREADS": str(max(1, pool.threads // procs)),
+    }
     nice_cmd = ["nice", "-n", str(nice)]
-    redis = subprocess.Popen([*nice_cmd, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
+    redis = subprocess.Popen(
+        [*nice_cmd, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     worker = None
     try:
         _wait_port(port, redis)
-        worker = subprocess.Popen([*nice_cmd, str(python), "-m", "celery", "-A", "batch.celery_peer", "worker", "-c",
-                                   str(procs), "--pool", "prefork", "--loglevel", "WARNING", "-n", f"peer{port}@%h"],
-                                  cwd=ROOT, env={**os.environ, **env}, start_new_session=True)
+        worker = subprocess.Popen(
+            [
+                *nice_cmd,
+                str(python),
+                "-m",
+                "celery",
+                "-A",
+                "benchmarks.celery_peer",
+                "worker",
+                "-c",
+                str(procs),
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "WARNING",
+                "-n",
+                f"peer{port}@%h",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [*nice_cmd, str(python), "-m", "batch.peers", "celery-driver", "--input", str(rows), "--out", str(out),
-               "--batch-size", str(batch_size), "--chunk-size", str(cfg.max_batch_size), "--procs", str(procs)]
-        return _timed(cmd, env, f"Celery: chord of {batch_size}-row tasks, {procs} worker processes x "
-                                f"{env['PEER_THREADS']} threads, Redis")
+        cmd = [
+            *nice_cmd,
+            str(python),
+            "-m",
+            "benchmarks.batch_peers",
+            "celery-driver",
+            "--input",
+            str(rows),
+            "--out",
+            str(out),
+            "--batch-size",
+            str(batch_size),
+            "--chunk-size",
+            str(cfg.max_batch_size),
+            "--procs",
+            str(procs),
+        ]
+        return _timed(
+            cmd,
+            env,
+            f"Celery: chord of {batch_size}-row tasks, {procs} worker processes x {env['PEER_THREADS']} threads, Redis",
+        )
     finally:
         for proc in (worker, redis):
             if proc is not None:
@@ -129,7 +190,7 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
 def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int, procs: int) -> dict:
     from celery import chord, group
 
-    from batch.celery_peer import app, embed_rows, total
+    from benchmarks.celery_peer import app, embed_rows, total
 
     deadline = time.monotonic() + 300
     while not app.control.ping(timeout=1.0):
@@ -143,8 +204,10 @@ def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int
     ids, texts = [str(r["id"]) for r in records], [r["text"] for r in records]
     start = time.perf_counter()
     slices = range(0, len(ids), batch_size)
-    header = [embed_rows.s(ids[s : s + batch_size], texts[s : s + batch_size], str(out), k, chunk_size)
-              for k, s in enumerate(slices)]
+    header = [
+        embed_rows.s(ids[s : s + batch_size], texts[s : s + batch_size], str(out), k, chunk_size)
+        for k, s in enumerate(slices)
+    ]
     written = chord(header)(total.s()).get(timeout=24 * 3600)
     return {"rows": written, "seconds": time.perf_counter() - start}
 
@@ -181,7 +244,7 @@ def online_cosines(model: str, rows: Path, batch_out: Path, every: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m batch.peers")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.batch_peers")
     sub = ap.add_subparsers(dest="what", required=True)
     raw = sub.add_parser("raw")
     raw.add_argument("--model", required=True)

@@ -1,6 +1,6 @@
 """Memory of `python -m batch embed` over a long input: is it flat? A report script, not a test.
 
-    python -m batch.memory [--rows 1000000] [--every 5]     # report: artifacts/bench/batch-memory.md
+    python -m benchmarks.batch_memory [--rows 1000000] [--every 5]     # report: artifacts/bench/batch-memory.md
 
 Runs the job (its own local cluster, in its own process group) over `--rows` short rows and, every
 `--every` seconds, reads each process of the group from /proc: the driver, the model actor, the
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from batch import output
-from loadtest.servers import ROOT
+from tests.harness import ROOT
 
 ROLES = ("driver", "model actor", "other Ray workers", "Ray daemons")
 
@@ -76,11 +76,26 @@ def sample(driver: int) -> dict:
 
 def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    cmd = ["nice", "-n", "15", sys.executable, "-m", "batch", "embed", "--model", model, "--input", str(rows_path),
-           "--output", str(out), "--no-progress"]
+    cmd = [
+        "nice",
+        "-n",
+        "15",
+        sys.executable,
+        "-m",
+        "batch",
+        "embed",
+        "--model",
+        model,
+        "--input",
+        str(rows_path),
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True
+    )
     samples, start = [], time.monotonic()
     while proc.poll() is None:
         samples.append({"s": time.monotonic() - start, "rows": output.committed_rows(out), **sample(proc.pid)})
@@ -96,9 +111,14 @@ def report(samples: list[dict], rows: int, model: str) -> str:
         return next((s for s in samples if s["rows"] >= share * rows), samples[-1])
 
     cols = (*ROLES, "PSS, all")
-    lines = [f"## Memory over {rows:,} short rows ({model})", "",
-             f"`python -m batch.memory --rows {rows}`: MiB, sampled while the job ran ({len(samples)} samples).", "",
-             "| rows committed | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+    lines = [
+        f"## Memory over {rows:,} short rows ({model})",
+        "",
+        f"`python -m benchmarks.batch_memory --rows {rows}`: MiB, sampled while the job ran ({len(samples)} samples).",
+        "",
+        "| rows committed | " + " | ".join(cols) + " |",
+        "|---:|" + "---:|" * len(cols),
+    ]
     for share in (0.1, 0.2, 0.5, 0.9):
         s = at(share)
         lines.append(f"| {s['rows']:,} | " + " | ".join(f"{s[c]:.0f}" for c in cols) + " |")
@@ -108,8 +128,11 @@ def report(samples: list[dict], rows: int, model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m batch.memory", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.batch_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--every", type=float, default=5.0)
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
