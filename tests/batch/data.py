@@ -10,7 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loadtest.scenarios import sentence
+WORDS = ["offline", "batch", "inference", "streams", "rows", "through", "a", "tokenizer", "and", "a", "model"]
+WORDS += ["pool", "then", "writes", "vectors", "once", "per", "id", "even", "when", "a", "worker", "dies"]
+
+
+def sentence(i: int, words: int = 12) -> str:
+    """A short sentence (about 17 tokens), different for each i."""
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(words)) + f" #{i}"
+
 
 LONG = "word " * 400  # 402 tokens: over all-MiniLM-L6-v2's 256
 
