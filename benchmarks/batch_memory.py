@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from batch import output
-from tests.harness import ROOT
+from tests.harness import ROOT, process_tree
 
 ROLES = ("driver", "model actor", "other Ray workers", "Ray daemons")
 
@@ -35,16 +35,6 @@ def make_input(path: Path, rows: int) -> Path:
         for i in range(rows):
             fh.write(json.dumps({"id": i, "text": f"row {i}"}) + "\n")
     return path
-
-
-def _group(pgid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(stat.parent.name))
-    return pids
 
 
 def _kib(path: Path, key: str) -> int:
@@ -67,7 +57,7 @@ def sample(driver: int) -> dict:
     """MiB per role (RSS) and PSS of the whole group."""
     rss = dict.fromkeys(ROLES, 0)
     pss = 0
-    for pid in _group(driver):
+    for pid in process_tree(driver):
         with contextlib.suppress(OSError):
             rss[_role(pid, driver)] += _kib(Path(f"/proc/{pid}/status"), "VmRSS:")
             pss += _kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss:")
@@ -107,8 +97,9 @@ def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
 
 
 def report(samples: list[dict], rows: int, model: str) -> str:
-    def at(share: float) -> dict:
-        return next((s for s in samples if s["rows"] >= share * rows), samples[-1])
+    def at(share: float) -> dict:  # the sample at that share of the run's time
+        end = samples[-1]["s"]
+        return next(s for s in samples if s["s"] >= share * end)
 
     cols = (*ROLES, "PSS, all")
     lines = [
@@ -123,7 +114,7 @@ def report(samples: list[dict], rows: int, model: str) -> str:
         s = at(share)
         lines.append(f"| {s['rows']:,} | " + " | ".join(f"{s[c]:.0f}" for c in cols) + " |")
     peak = {c: max(s[c] for s in samples) for c in cols}
-    lines.append("| max over the run | " + " | ".join(f"{peak[c]:.0f}" for c in cols) + " |")
+    lines.append("| max over the run | | " + " | ".join(f"{peak[c]:.0f}" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -246,3 +246,60 @@ def with_pipelines(config: dict) -> dict:
     app["args"]["models"] += pipeline["args"]["models"]
     app["deployments"] += [d for d in pipeline["deployments"] if d["name"] != "Ingress"]
     return config
+
+
+def _processes() -> dict[int, int]:
+    """pid → parent pid of every process that is not a zombie."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                table[int(stat.parent.name)] = int(fields[1])
+    return table
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and its live descendants: for a driver that started its own Ray cluster, that cluster's
+    GCS, raylet, agents and (children of the raylet) every worker."""
+    table = _processes()
+    if root not in table:
+        return set()
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in table.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSnapshot:
+    """The processes of a driver's own cluster, taken while the driver lives."""
+
+    pids: frozenset[int]
+    raylets: frozenset[int]
+
+    @classmethod
+    def of(cls, driver: int) -> ClusterSnapshot:
+        pids = process_tree(driver)
+        return cls(frozenset(pids), frozenset(p for p in pids if b"/raylet/raylet" in _read(f"/proc/{p}/cmdline")))
+
+    def leftovers(self) -> set[int]:
+        """What still lives of it: its processes, their descendants, and any Ray worker of its raylets (a
+        worker knows its raylet's pid from RAY_RAYLET_PID, even once its parent is gone)."""
+        raylets = {f"RAY_RAYLET_PID={pid}".encode() for pid in self.raylets}
+        seeds = {
+            pid for pid in _processes() if pid in self.pids or raylets & set(_read(f"/proc/{pid}/environ").split(b"\0"))
+        }
+        alive: set[int] = set()
+        for pid in seeds:
+            alive |= process_tree(pid)
+        return alive
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""

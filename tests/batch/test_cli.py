@@ -12,13 +12,13 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from ray._common.test_utils import wait_for_condition
 
 from batch import output
 from tests.batch.data import read_errors, read_output, write_jsonl
+from tests.harness import ClusterSnapshot
 from tests.helpers import MODEL, SERVE_CONFIG
 
 ROOT = SERVE_CONFIG.parent
@@ -32,17 +32,6 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.pop("RAY_ADDRESS", None)  # its own new cluster, never the test session's nor anyone else's
     return e
-
-
-def live_in_group(pgid: int) -> list[int]:
-    """Processes of the group that are not zombies."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(stat.parent.name))
-    return pids
 
 
 @pytest.mark.slow
@@ -68,20 +57,24 @@ def test_driver_killed_and_restarted_writes_each_row_exactly_once(tmp_path):
         first = subprocess.Popen(
             args, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+    cluster = None
     try:
         wait_for_condition(
             lambda: output.committed_rows(out) > 0 or first.poll() is not None, timeout=300, retry_interval_ms=200
         )
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        cluster = ClusterSnapshot.of(first.pid)
+        assert cluster.raylets, "the driver started no cluster of its own"
         os.kill(first.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or a lost node would
         first.wait()
         # The local cluster it started goes down with it: nothing of the first run writes any more.
-        wait_for_condition(lambda: not live_in_group(first.pid), timeout=120)
+        wait_for_condition(lambda: not cluster.leftovers(), timeout=120)
         committed = output.committed_rows(out)
         assert 0 < committed < n
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)
+    finally:  # whatever is left of the first run's cluster if the test failed: its processes only
+        for pid in cluster.leftovers() if cluster else {first.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     second = subprocess.run(args, check=False, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     done_before = int(re.search(r"([\d,]+) done before", second.stdout).group(1).replace(",", ""))
