@@ -1,7 +1,7 @@
 """`python -m batch`: offline inference over JSONL, CSV or Parquet files with the served models.
 
     python -m batch embed --model all-MiniLM-L6-v2 --input 'data/*.jsonl' --output out/
-    python -m batch generate --model tiny-lm --input prompts.jsonl --text-field prompt --output gen/
+    python -m batch generate --model SmolLM2-135M-Instruct --input prompts.jsonl --max-tokens 64 --output gen/
 
 The model is looked up by name in serve_config.yaml (--config for another file): source,
 truncation, threads, pipeline stages and each pool's resources are the online service's. Run it
@@ -22,6 +22,7 @@ from batch.output import ManifestMismatch
 from batch.run import Job, run
 from batch.sources import InputError
 from batch.spec import Overrides, SpecError
+from models.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,37 +54,39 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = ap.add_subparsers(dest="task", required=True)
-    for task, value_help in (("embed", "text"), ("generate", "prompt (a string) or messages (a chat)")):
-        p = sub.add_parser(task, help=f"{task} every row of the input")
-        p.add_argument("--model", required=True, help="a model name in the config's applications[].args.models")
-        p.add_argument("--input", required=True, help="a JSONL, CSV or Parquet file, a directory of them, or a glob")
-        p.add_argument("--output", required=True, type=Path, help="directory for the results (Parquet) and errors")
-        p.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml", help="default: serve_config.yaml")
-        p.add_argument("--id-field", default="id", help="the column holding each row's unique id (default: id)")
-        p.add_argument(
-            "--text-field", default="text" if task == "embed" else "prompt", help=f"the column holding the {value_help}"
-        )
-        p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="default: from the file names")
-        p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of recording an error")
-        p.add_argument("--batch-size", type=_positive(int), default=256, help="rows per call of each stage")
-        p.add_argument(
-            "--rows-per-file",
-            type=_positive(int),
-            default=20_000,
-            help="rows gathered into one result file (and one commit)",
-        )
-        p.add_argument("--num-cpus", type=float, help="CPUs per model actor (default: the config's)")
-        p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: the config's)")
-        p.add_argument("--num-threads", type=_positive(int), help="torch threads per model actor")
-        p.add_argument(
-            "--concurrency",
-            type=_concurrency,
-            help="actors per model pool: N or MIN,MAX (default: 1 to as many as the cluster holds)",
-        )
-        p.add_argument("--tokenize-cpus", type=float, default=1.0, help="CPUs per tokenize task")
-        p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
-        p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _common(sub.add_parser("embed", help="embed the text of every row"), "text", "the text")
+    p = sub.add_parser("generate", help="complete the prompt, or answer the chat, of every row")
+    _common(p, "prompt,messages", "the prompt (a string) or the chat (a list of role/content messages)")
+    p.add_argument("--max-tokens", type=_positive(int), default=16, help="tokens to generate (default 16)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1, as the online API)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="same seed, prompt and parameters: same text")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     return ap
+
+
+def _common(p: argparse.ArgumentParser, value_field: str, value_help: str) -> None:
+    p.add_argument("--model", required=True, help="a model name in the config's applications[].args.models")
+    p.add_argument("--input", required=True, help="a JSONL, CSV or Parquet file, a directory of them, or a glob")
+    p.add_argument("--output", required=True, type=Path, help="directory for the results (Parquet) and errors")
+    p.add_argument("--config", type=Path, default=ROOT / "serve_config.yaml", help="default: serve_config.yaml")
+    p.add_argument("--id-field", default="id", help="the field holding each row's unique id (default: id)")
+    p.add_argument(
+        "--text-field",
+        default=value_field,
+        help=f"the field holding {value_help}; several, comma-separated: the first a row has (default: {value_field})",
+    )
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="default: from the file names")
+    p.add_argument("--truncate", action="store_true", help="embed: cut over-long texts instead of recording an error")
+    p.add_argument("--batch-size", type=_positive(int), default=256, help="rows per call of each stage")
+    p.add_argument("--rows-per-file", type=_positive(int), default=20_000, help="rows per result file and commit")
+    p.add_argument("--num-cpus", type=float, help="CPUs per model actor (default: the config's)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: the config's)")
+    p.add_argument("--num-threads", type=_positive(int), help="torch threads per model actor")
+    p.add_argument("--concurrency", type=_concurrency, help="actors per model pool: N or MIN,MAX")
+    p.add_argument("--tokenize-cpus", type=float, default=1.0, help="CPUs per tokenize (or read) task")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         address=args.address,
         progress=args.progress,
     )
+    if args.task == "generate":
+        job.sampling = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
     try:
         summary = run(job)
     except (InputError, SpecError, ManifestMismatch) as exc:

@@ -49,6 +49,7 @@ class ManifestMismatch(ValueError):
 def claim(out: Path, manifest: dict) -> None:
     """Record what writes to `out`, or check that a resumed run is the same run."""
     out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(json.dumps(manifest))  # as it reads back: tuples are lists
     path = out / MANIFEST
     if path.exists():
         before = json.loads(path.read_text())

@@ -15,10 +15,11 @@ from ray.actor import ActorHandle
 from ray.data import DataContext
 
 from app.config import ModelConfig
-from batch import embed, output, sources
+from batch import embed, generate, output, sources
 from batch.progress import JobProgress, start_counter
 from batch.spec import ModelSpec, Overrides, check_fits, find_model, fit_concurrency, model_spec
 from models.loader import resolve_source
+from models.params import SamplingParams
 
 logger = logging.getLogger("batch")
 
@@ -42,6 +43,7 @@ class Job:
     overrides: Overrides = field(default_factory=Overrides)
     address: str | None = None
     progress: bool = True
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # generate
 
 
 @dataclass
@@ -68,20 +70,22 @@ class Summary:
 
 def manifest(job: Job, files: list[str], fmt: str) -> dict:
     """What must be equal for a run to resume another's output."""
-    return {
+    fields = {
         "task": job.task,
         "model": job.model,
         "inputs": files,
         "format": fmt,
         "id_field": job.id_field,
         "text_field": job.text_field,
-        "truncate": job.truncate,
     }
+    if job.task == "embed":
+        return {**fields, "truncate": job.truncate}
+    return {**fields, "sampling": dataclasses.asdict(job.sampling)}
 
 
 def run(job: Job) -> Summary:
+    """Check what can be checked before starting, stream the rows through the model, summarise."""
     cfg, options = find_model(job.config, job.model, job.task)
-    truncate = job.truncate or cfg.truncate
     files, fmt = sources.expand(job.input, job.format)
     out = Path(job.output).resolve()
     output.claim(out, manifest(job, files, fmt))
@@ -89,31 +93,21 @@ def run(job: Job) -> Summary:
     spec = model_spec(cfg, options, job.overrides, _stage_layers(cfg))
     cluster = ray.cluster_resources()
     check_fits(spec, cluster, job.tokenize_cpus)
-    ctx = DataContext.get_current()
-    ctx.checkpoint_config = output.checkpoint_config(out, job.id_field)
-    ctx.enable_progress_bars = False  # one bar for the job instead (batch/progress.py)
-    ray_data_log = logging.getLogger("ray.data")
-    ray_data_log.setLevel(logging.WARNING)  # its per-run INFO lines would tear the bar
-    ray_data_log.addFilter(lambda r: "Progress bars disabled" not in r.getMessage())  # ours is on
+    _data_context(out, job.id_field)
     done_before = output.committed_rows(out)
     rows = sources.count_rows(files, fmt)
-    fields = sources.Fields(job.id_field, job.text_field, sources.text_check)
-    if fmt == "parquet":
-        fields = dataclasses.replace(fields, id_type=sources.parquet_id_type(files, job.id_field))
-    source = sources.RowsSource(files, fmt, fields, str(out / output.ERRORS_DIR), rows)
     counter = start_counter()
-    ds = ray.data.read_datasource(source)
-    ds = _pipeline(ds, job, spec, truncate, cluster, counter)
-    sink = output.ResultSink(str(out), job.id_field, [embed.EMBEDDING], job.rows_per_file)
+    ds = ray.data.read_datasource(_source(job, files, fmt, out, rows))
+    ds, columns = _pipeline(ds, job, spec, cluster, counter)
+    sink = output.ResultSink(str(out), job.id_field, columns, job.rows_per_file)
     start = time.perf_counter()
-    total = max(0, sum(rows.values()) - done_before)
-    with JobProgress(counter, total, enabled=job.progress):
+    with JobProgress(counter, max(0, sum(rows.values()) - done_before), enabled=job.progress):
         ds.write_datasink(sink)
     seconds = time.perf_counter() - start
-    totals = sink.totals
+    ray.kill(counter)
     return Summary(
-        rows_written=totals["ok"],
-        errors_written=totals["errors"],
+        rows_written=sink.totals["ok"],
+        errors_written=sink.totals["errors"],
         done_before=done_before,
         errors_total=output.consolidate_errors(out, job.id_field),
         input_rows=sum(rows.values()),
@@ -122,26 +116,52 @@ def run(job: Job) -> Summary:
     )
 
 
+def _data_context(out: Path, id_field: str) -> None:
+    ctx = DataContext.get_current()
+    ctx.checkpoint_config = output.checkpoint_config(out, id_field)
+    ctx.enable_progress_bars = False  # one bar for the job instead (batch/progress.py)
+    ray_data_log = logging.getLogger("ray.data")
+    ray_data_log.setLevel(logging.WARNING)  # its per-run INFO lines would tear the bar
+    ray_data_log.addFilter(lambda r: "Progress bars disabled" not in r.getMessage())  # ours is on
+
+
+def _source(job: Job, files: list[str], fmt: str, out: Path, rows: dict[str, int]) -> sources.RowsSource:
+    check = sources.text_check if job.task == "embed" else generate.value_check
+    fields = sources.Fields(job.id_field, job.text_field, check)
+    if fmt == "parquet":
+        fields = dataclasses.replace(fields, id_type=sources.parquet_id_type(files, job.id_field))
+    return sources.RowsSource(files, fmt, fields, str(out / output.ERRORS_DIR), rows)
+
+
 def _pipeline(
-    ds: ray.data.Dataset, job: Job, spec: ModelSpec, truncate: bool, cluster: dict, counter: ActorHandle
-) -> ray.data.Dataset:
-    cfg = spec.cfg
+    ds: ray.data.Dataset, job: Job, spec: ModelSpec, cluster: dict, counter: ActorHandle
+) -> tuple[ray.data.Dataset, list[str]]:
+    """The model's stages appended to `ds`, and the result columns they make."""
+    cfg, path = spec.cfg, str(resolve_source(spec.cfg.source))
+    concurrency = [fit_concurrency(p, cluster, len(spec.pools)) for p in spec.pools]
+    if job.task == "generate":
+        (pool,) = spec.pools
+        # vLLM batches inside one engine; on CPUs one engine per node unless told otherwise.
+        conc = pool.concurrency or (concurrency[0] if pool.num_gpus else (1, 1))
+        logger.info("pool: %s, concurrency %s", asdict(pool), conc)
+        gjob = generate.GenerateJob(cfg=cfg, path=path, id_field=job.id_field, params=job.sampling)
+        return generate.build(ds, gjob, pool, conc, job.batch_size, counter), generate.COLUMNS
     ejob = embed.EmbedJob(
         name=cfg.name,
-        path=str(resolve_source(cfg.source)),
+        path=path,
         id_field=job.id_field,
         max_input_tokens=cfg.max_input_tokens,
-        truncate=truncate,
+        truncate=job.truncate or cfg.truncate,
         chunk_size=cfg.max_batch_size,
         device=cfg.device,
     )
-    concurrency = [fit_concurrency(p, cluster, len(spec.pools)) for p in spec.pools]
     logger.info("pools: %s", [(asdict(p), c) for p, c in zip(spec.pools, concurrency)])
-    return embed.build(ds, ejob, spec.pools, concurrency, job.batch_size, job.tokenize_cpus, counter)
+    return embed.build(ds, ejob, spec.pools, concurrency, job.batch_size, job.tokenize_cpus, counter), [embed.EMBEDDING]
 
 
 def _stage_layers(cfg: ModelConfig) -> list[tuple[int, int]] | None:
-    if cfg.pipeline_stages == 1:
+    """An encoder's layer range per pool (a split LM stays one vLLM engine: its stages are vLLM's)."""
+    if cfg.pipeline_stages == 1 or cfg.task == "generate":
         return None
     from models.pipeline_plan import load_config, plan
 

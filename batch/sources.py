@@ -107,9 +107,13 @@ class Fields:
     """Which fields of a row are read, and how."""
 
     id_field: str
-    value_field: str
+    value_field: str  # several, comma-separated: the first a row has (generate: prompt,messages)
     check: Check  # the value as it goes down the pipeline, or why not
     id_type: pa.DataType = dataclasses.field(default_factory=pa.string)  # Parquet: its column's
+
+    @property
+    def value_fields(self) -> list[str]:
+        return self.value_field.split(",")
 
     def table(self, ids: list | pa.Array, values: list, errors: list) -> pa.Table:
         return pa.table(
@@ -153,7 +157,7 @@ def text_chunks(f: Any, fmt: str, fields: Fields, path: str) -> Iterator[Chunk]:
         if id_problem:
             no_id.append({"reason": id_problem, "source": f"{path}:{line}"})
             continue
-        value, reason = fields.check(record.get(fields.value_field))
+        value, reason = fields.check(next((record[f] for f in fields.value_fields if f in record), None))
         ids.append(rid)
         values.append(value)
         errors.append(reason)
@@ -169,11 +173,11 @@ def parquet_chunks(pf: pq.ParquetFile, fields: Fields, path: str) -> Iterator[Ch
     names = pf.schema_arrow.names
     if fields.id_field not in names:
         raise InputError(f"{path}: no column {fields.id_field!r} (columns: {', '.join(names)}); see --id-field")
-    has_value = fields.value_field in names
+    value = next((f for f in fields.value_fields if f in names), None)
     first_row = 0
-    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=[fields.id_field] + [fields.value_field] * has_value):
+    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=[fields.id_field] + ([value] if value else [])):
         ids = batch.column(fields.id_field)
-        raw = batch.column(fields.value_field).to_pylist() if has_value else [None] * len(ids)
+        raw = batch.column(value).to_pylist() if value else [None] * len(ids)
         checked = [fields.check(v) for v in raw]
         valid = ids.is_valid()
         no_id = [

@@ -81,7 +81,7 @@ def model_spec(
     cfg: ModelConfig, options: dict[str, dict], overrides: Overrides, stage_layers: list[tuple[int, int]] | None = None
 ) -> ModelSpec:
     """The model's actor pools: one for a whole model, one per stage (`stage_layers`) for a split one."""
-    if cfg.pipeline_stages == 1:
+    if cfg.pipeline_stages == 1 or cfg.task == "generate":  # vLLM runs a split LM inside its one engine
         pools = [_pool(cfg, cfg.deployment_name, options, "whole", None)]
     elif stage_layers is None:
         raise SpecError(f"model {cfg.name!r}: pipeline_stages {cfg.pipeline_stages} needs each stage's layers")

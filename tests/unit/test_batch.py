@@ -181,3 +181,23 @@ def test_split_encoder_run_row_by_row_gives_the_whole_models_vectors(bundled_pat
     assert [h.shape for h in hidden] == [(len(t), whole.dim) for t in ids]
     vectors = np.stack(run_rows(stages[1], hidden, chunk_size=2))
     np.testing.assert_allclose(vectors, whole.embed_ids(ids, 32), atol=1e-5)
+
+
+def test_generate_rows_take_a_prompt_or_else_a_chat():
+    from batch.generate import value_check
+
+    fields = Fields("id", "prompt,messages", value_check)
+    chat = [{"role": "user", "content": "hi"}]
+    lines = [
+        {"id": 1, "prompt": "p"},
+        {"id": 2, "messages": chat},
+        {"id": 3, "messages": [{"role": "user"}]},
+        {"id": 4, "prompt": 7},
+        {"id": 5},
+    ]
+    table, _ = chunks_of("\n".join(map(json.dumps, lines)), "jsonl", fields)
+    values = [json.loads(v) if v else None for v in table[VALUE].to_pylist()]
+    assert values == [{"prompt": "p"}, {"messages": chat}, None, None, None]
+    assert table[ERROR].to_pylist()[2:] == [
+        'prompt: expected a string, or a list of {"role": ..., "content": ...} messages'
+    ] * 2 + ["missing prompt"]
