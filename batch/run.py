@@ -165,7 +165,8 @@ def _stage_layers(cfg: ModelConfig) -> list[tuple[int, int]] | None:
         return None
     from models.pipeline_plan import load_config, plan
 
-    layout = plan(load_config(cfg.source), cfg.pipeline_stages, cfg.dtype, cfg.pipeline_boundaries)
+    # Where the online service cuts it (app/main.py): encoders run in float32, dtype is a generate setting.
+    layout = plan(load_config(cfg.source), cfg.pipeline_stages, "float32", cfg.pipeline_boundaries)
     return [s.layers for s in layout.stages]
 
 
