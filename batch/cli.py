@@ -3,7 +3,7 @@
     python -m batch embed --model all-MiniLM-L6-v2 --input 'data/*.jsonl' --output out/
     python -m batch generate --model SmolLM2-135M-Instruct --input prompts.jsonl --max-tokens 64 --output gen/
 
-The model is looked up by name in serve_config.yaml (--config for another file): source,
+The model is looked up by name in serve_config.yaml (--config for another file): source, runtime,
 truncation, threads, pipeline stages and each pool's resources are the online service's. Run it
 again with the same arguments after a crash and it resumes: rows already written are skipped.
 Exit status: 0 done (bad rows are in OUTPUT/_errors.jsonl), 2 bad arguments or input.
@@ -82,7 +82,7 @@ def _common(p: argparse.ArgumentParser, value_field: str, value_help: str) -> No
     p.add_argument("--rows-per-file", type=_positive(int), default=20_000, help="rows per result file and commit")
     p.add_argument("--num-cpus", type=float, help="CPUs per model actor (default: the config's)")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: the config's)")
-    p.add_argument("--num-threads", type=_positive(int), help="torch threads per model actor")
+    p.add_argument("--num-threads", type=_positive(int), help="model threads per actor (torch or ONNX Runtime)")
     p.add_argument("--concurrency", type=_concurrency, help="actors per model pool: N or MIN,MAX")
     p.add_argument("--tokenize-cpus", type=float, default=1.0, help="CPUs per tokenize (or read) task")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")

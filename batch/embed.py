@@ -4,7 +4,9 @@
                                                 └ or Stage0 pool ─► … ─► StageN-1 pool
 
 The model code is the online service's: models/embedding.py's EmbeddingModel (tokenizer,
-truncation rule, `embed_ids` with its length-sorted padded chunks of `max_batch_size`), and for a
+truncation rule, `embed_ids` with its length-sorted padded chunks of `max_batch_size`) on the
+config's `runtime` (torch, or the same weights on ONNX Runtime, exported once into artifacts/onnx/
+by models/onnx_encoder.py, as the online service loads it), and for a
 model with `pipeline_stages > 1` models/encoder_stages.py's stages, one actor pool each, the
 hidden states of each row going to the next pool in the dataset. A row that already carries an
 error passes through every stage untouched.
@@ -25,6 +27,7 @@ import torch
 from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy
 
+from app.config import ModelConfig
 from batch.sources import ERROR, VALUE
 from batch.spec import Pool
 from models.embedding import EmbeddingModel
@@ -46,6 +49,21 @@ class EmbedJob:
     truncate: bool
     chunk_size: int  # rows per forward pass (the model's max_batch_size)
     device: str  # "auto", "cpu" or "cuda"
+    runtime: str = "torch"  # "torch" or "onnx" (the config's; a split model is torch)
+
+
+def embed_job(cfg: ModelConfig, path: str, id_field: str = "id", truncate: bool = False) -> EmbedJob:
+    """The job of model `cfg` (checkpoint at `path`) as its online config runs it."""
+    return EmbedJob(
+        name=cfg.name,
+        path=path,
+        id_field=id_field,
+        max_input_tokens=cfg.max_input_tokens,
+        truncate=truncate or cfg.truncate,
+        chunk_size=cfg.max_batch_size,
+        device=cfg.device,
+        runtime=cfg.runtime,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -83,13 +101,26 @@ def _device(job: EmbedJob, pool: Pool) -> str:
     return "cuda" if pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def load_model(job: EmbedJob, pool: Pool) -> EmbeddingModel:
+    """The whole model as the online service loads it (deployments/embedder.py, load_model): the config's
+    runtime with the pool's threads (torch's are process-wide, ONNX Runtime's per session). The raw
+    limit and the Celery peer of the benchmark load it through here too."""
+    torch.set_num_threads(pool.threads)
+    return EmbeddingModel(
+        Path(job.path),
+        device=_device(job, pool),
+        max_input_tokens=job.max_input_tokens,
+        runtime=job.runtime,
+        threads=pool.threads,
+    )
+
+
 class WholeModel:
-    """An actor holding the whole model: EmbeddingModel.embed_ids, as the online Embedder runs it."""
+    """An actor holding the whole model: EmbeddingModel.embed_ids, as the online service runs it."""
 
     def __init__(self, job: EmbedJob, pool: Pool, counter: ActorHandle | None = None):
-        torch.set_num_threads(pool.threads)
         self.job, self.counter = job, counter
-        self.model = EmbeddingModel(Path(job.path), device=_device(job, pool), max_input_tokens=job.max_input_tokens)
+        self.model = load_model(job, pool)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = _good(batch)

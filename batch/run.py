@@ -146,15 +146,7 @@ def _pipeline(
         logger.info("pool: %s, concurrency %s", asdict(pool), conc)
         gjob = generate.GenerateJob(cfg=cfg, path=path, id_field=job.id_field, params=job.sampling)
         return generate.build(ds, gjob, pool, conc, job.batch_size, counter), generate.COLUMNS
-    ejob = embed.EmbedJob(
-        name=cfg.name,
-        path=path,
-        id_field=job.id_field,
-        max_input_tokens=cfg.max_input_tokens,
-        truncate=job.truncate or cfg.truncate,
-        chunk_size=cfg.max_batch_size,
-        device=cfg.device,
-    )
+    ejob = embed.embed_job(cfg, path, job.id_field, job.truncate)
     logger.info("pools: %s", [(asdict(p), c) for p, c in zip(spec.pools, concurrency)])
     return embed.build(ds, ejob, spec.pools, concurrency, job.batch_size, job.tokenize_cpus, counter), [embed.EMBEDDING]
 

@@ -1,9 +1,10 @@
 """A model of `serve_config.yaml`, as a batch job runs it: its config and each actor pool's resources.
 
 The model's entry (`applications[].args.models[]`) is validated with the online service's
-`ModelConfig`, so source, truncation, threads and pipeline stages are the same. Resources come
-from the same file's `deployments:` section: `Embedder-<name>` / `Generator-<name>` for a whole
-model, `Stage<k>-<name>` for each stage of a split one (`ray_actor_options`: `num_cpus`,
+`ModelConfig`, so source, runtime, truncation, threads and pipeline stages are the same. Resources
+come from the same file's `deployments:` section: `Embedder-<name>` / `Generator-<name>` for a whole
+model (`Ingress` for an embedding model with `placement: ingress`, which runs inside it online),
+`Stage<k>-<name>` for each stage of a split one (`ray_actor_options`: `num_cpus`,
 `num_gpus`, `runtime_env.env_vars`); command-line flags override them for every model pool.
 """
 
@@ -82,7 +83,8 @@ def model_spec(
 ) -> ModelSpec:
     """The model's actor pools: one for a whole model, one per stage (`stage_layers`) for a split one."""
     if cfg.pipeline_stages == 1 or cfg.task == "generate":  # vLLM runs a split LM inside its one engine
-        pools = [_pool(cfg, cfg.deployment_name, options, "whole", None)]
+        home = "Ingress" if cfg.placement == "ingress" else cfg.deployment_name
+        pools = [_pool(cfg, home, options, "whole", None)]
     elif stage_layers is None:
         raise SpecError(f"model {cfg.name!r}: pipeline_stages {cfg.pipeline_stages} needs each stage's layers")
     else:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from batch.spec import Overrides, find_model, model_spec
-from tests.harness import ROOT, free_port, serve_config_on, serve_run
+from tests.harness import ROOT, free_port, online_vectors
 
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 CELERY_VENV = ROOT / "artifacts" / "peers" / "celery-venv"
@@ -43,7 +43,7 @@ def _timed(cmd: list[str], env: dict[str, str], name: str) -> dict:
 
 def raw_run(model: str, rows: Path, batch_size: int, nice: int) -> dict:
     """The limit: the model's loop in one process, with the actor's threads and environment."""
-    _, pool = _pool(model)
+    cfg, pool = _pool(model)
     cmd = [
         "nice",
         "-n",
@@ -59,18 +59,15 @@ def raw_run(model: str, rows: Path, batch_size: int, nice: int) -> dict:
         "--batch-size",
         str(batch_size),
     ]
-    return _timed(cmd, pool.env, f"raw: EmbeddingModel in one process, {pool.threads} threads")
+    return _timed(cmd, pool.env, f"raw: EmbeddingModel ({cfg.runtime}) in one process, {pool.threads} threads")
 
 
 def _raw(model: str, input_path: Path, batch_size: int) -> dict:
-    import torch
-
-    from models.embedding import EmbeddingModel
+    from batch.embed import embed_job, load_model
     from models.loader import resolve_source
 
     cfg, pool = _pool(model)
-    torch.set_num_threads(pool.threads)
-    m = EmbeddingModel(resolve_source(cfg.source), max_input_tokens=cfg.max_input_tokens)
+    m = load_model(embed_job(cfg, str(resolve_source(cfg.source))), pool)  # as the batch job's actor does
     texts = [json.loads(line)["text"] for line in input_path.open()]
     start = time.perf_counter()
     for s in range(0, len(texts), batch_size):
@@ -124,7 +121,7 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
     env = {
         **pool.env,
         "PEER_REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "PEER_SOURCE": cfg.source,
+        "PEER_MODEL": model,
         "PEER_THREADS": str(max(1, pool.threads // procs)),
     }
     nice_cmd = ["nice", "-n", str(nice)]
@@ -215,31 +212,22 @@ def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int
 def online_cosines(model: str, rows: Path, batch_out: Path, every: int) -> dict:
     """Every `every`-th row's /v1/embeddings vector (a `serve run` of the shipped config's model) against
     the batch output's."""
-    import httpx
     import numpy as np
     import pyarrow.parquet as pq
 
     table = pq.read_table(batch_out)
     got = dict(zip(table["id"].to_pylist(), table["embedding"].to_numpy(zero_copy_only=False)))
     records = [json.loads(line) for i, line in enumerate(rows.open()) if i % every == 0]
-    config = serve_config_on(free_port())
-    app = config["applications"][0]
-    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == model]
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", f"Embedder-{model}")]
+    online = online_vectors(model, [r["text"] for r in records])
     cos, diff, missing = [], 0.0, 0
-    with serve_run(config) as url, httpx.Client(base_url=url, timeout=600) as client:
-        for s in range(0, len(records), 2048):
-            part = records[s : s + 2048]
-            body = client.post("/v1/embeddings", json={"model": model, "input": [r["text"] for r in part]})
-            body.raise_for_status()
-            for r, item in zip(part, body.json()["data"]):
-                mine = got.get(str(r["id"]))
-                if mine is None:
-                    missing += 1
-                    continue
-                a, b = np.asarray(item["embedding"], np.float64), np.asarray(mine, np.float64)
-                cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-                diff = max(diff, float(np.abs(a - b).max()))
+    for r, vector in zip(records, online):
+        mine = got.get(str(r["id"]))
+        if mine is None:
+            missing += 1
+            continue
+        a, b = np.asarray(vector, np.float64), np.asarray(mine, np.float64)
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        diff = max(diff, float(np.abs(a - b).max()))
     return {"rows": len(records), "min": min(cos), "max_abs": diff, "missing": missing}
 
 

@@ -3,8 +3,9 @@ Redis, a chord of tasks, each worker process holding the model.
 
 Runs in its own venv (artifacts/peers/celery-venv: Celery and its Redis client only), which sees this
 repository and the project's venv through a .pth file, so the model code, torch and its numerics are
-the very ones `python -m batch` runs. Each task embeds a slice of rows exactly as the batch job's
-model actor does (EmbeddingModel: tokenize, embed_ids in chunks of the model's max_batch_size) and
+the very ones `python -m batch` runs. Each worker process loads the model as the batch job's actor
+does (batch/embed.py, load_model: the config's runtime, PEER_THREADS threads); each task embeds a
+slice of rows as that actor does (tokenize, embed_ids in chunks of the model's max_batch_size) and
 writes its own Parquet part; the chord's callback adds up the rows.
 
     PEER_REDIS_URL=redis://127.0.0.1:PORT/0 celery -A benchmarks.celery_peer worker -c 2 ...
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from celery import Celery
 from celery.signals import worker_process_init
 
+from batch.embed import embed_job, load_model
+from batch.spec import Overrides, find_model, model_spec
 from models.embedding import EmbeddingModel
 from models.loader import resolve_source
+
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 app = Celery("rayinfer_peer", broker=os.environ.get("PEER_REDIS_URL"), backend=os.environ.get("PEER_REDIS_URL"))
 app.conf.update(
@@ -40,8 +44,10 @@ _model: EmbeddingModel | None = None
 def _load(**_) -> None:
     """Each worker process holds the model, loaded once."""
     global _model
-    torch.set_num_threads(int(os.environ.get("PEER_THREADS", "1")))
-    _model = EmbeddingModel(resolve_source(os.environ.get("PEER_SOURCE", "bundled:all-MiniLM-L6-v2")))
+    cfg, options = find_model(SERVE_CONFIG, os.environ.get("PEER_MODEL", "all-MiniLM-L6-v2"), "embed")
+    threads = int(os.environ.get("PEER_THREADS", "1"))
+    (pool,) = model_spec(cfg, options, Overrides(threads=threads)).pools
+    _model = load_model(embed_job(cfg, str(resolve_source(cfg.source))), pool)
 
 
 @app.task

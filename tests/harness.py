@@ -238,6 +238,22 @@ def serve_config_on(port: int, grpc_port: int | None = None) -> dict:
     return config
 
 
+def online_vectors(model: str, texts: list[str]) -> list[list[float]]:
+    """`texts`' vectors from /v1/embeddings of a `serve run` of the shipped config holding only the
+    embedding model `model` (its deployment, or the Ingress it runs inside), in slices of 2048."""
+    config = serve_config_on(free_port())
+    app = config["applications"][0]
+    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == model]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", f"Embedder-{model}")]
+    vectors: list[list[float]] = []
+    with serve_run(config) as url, httpx.Client(base_url=url, timeout=600) as client:
+        for s in range(0, len(texts), 2048):
+            body = client.post("/v1/embeddings", json={"model": model, "input": texts[s : s + 2048]})
+            body.raise_for_status()
+            vectors += [item["embedding"] for item in body.json()["data"]]
+    return vectors
+
+
 def with_pipelines(config: dict) -> dict:
     """`config` (a serve_config.yaml as a dict) with serve_config.pipeline.yaml's models and their
     deployments added to its application, behind its one ingress: how the integration tests serve both."""

@@ -118,9 +118,10 @@ def test_models_come_from_the_serve_config_with_their_deployments_resources():
     cfg, options = find_model(SERVE_CONFIG, MODEL, "embed")
     spec = model_spec(cfg, options, Overrides())
     (pool,) = spec.pools
-    assert (pool.name, pool.num_cpus, pool.num_gpus, pool.threads) == (f"Embedder-{MODEL}", 1.0, 0.0, 2)
-    assert pool.env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    cfg, options = find_model(SERVE_CONFIG, f"{MODEL}-pipeline", "embed")
+    # placement: ingress: online, the model runs inside the Ingress, whose resources it takes.
+    assert (pool.name, pool.num_cpus, pool.num_gpus, pool.threads) == ("Ingress", 1.0, 0.0, 2)
+    assert pool.env == {"OMP_WAIT_POLICY": "PASSIVE"} and cfg.runtime == "onnx"
+    cfg, options = find_model(SERVE_CONFIG.with_name("serve_config.pipeline.yaml"), f"{MODEL}-pipeline", "embed")
     spec = model_spec(cfg, options, Overrides(num_gpus=1, concurrency=(1, 2)), [(0, 1), (1, 6)])
     assert [(p.name, p.layers, p.num_gpus, p.concurrency) for p in spec.pools] == [
         (f"Stage0-{MODEL}-pipeline", (0, 1), 1, (1, 2)),
