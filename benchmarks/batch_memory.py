@@ -114,7 +114,7 @@ def report(samples: list[dict], rows: int, model: str) -> str:
         s = at(share)
         lines.append(f"| {s['rows']:,} | " + " | ".join(f"{s[c]:.0f}" for c in cols) + " |")
     peak = {c: max(s[c] for s in samples) for c in cols}
-    lines.append("| max over the run | | " + " | ".join(f"{peak[c]:.0f}" for c in cols) + " |")
+    lines.append("| max over the run | " + " | ".join(f"{peak[c]:.0f}" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
