@@ -51,8 +51,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
-# not share a machine-wide Ray session with the integration tests' cluster. The service tests
+# Three pytest runs: the end-to-end tests start their own `serve run` cluster, which must
+# not share a machine-wide Ray session with the integration tests' cluster; the batch tests
+# (python -m batch) their own Ray Data cluster. The service tests
 # (marked `service`) are `make test-service`: seven `make serve` starts and stops and two Ray heads,
 # about 8.5 min on a quiet 2-core machine, beyond make test's budget.
 # Nothing skips silently: a missing Prometheus stops here (tests/integration/test_prometheus.py needs it),
@@ -60,6 +61,7 @@ lint: setup
 test: setup lint tools
 	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu
 	$(PY) -m pytest -q -rs -m "not service" tests/e2e
+	$(PY) -m pytest -q -rs tests/batch
 
 # `make serve` as a service (tests/e2e/test_service.py; README "Starting and stopping"): every
 # signal to every process of it, a crash, leftovers, a foreign port holder; the systemd unit's command.
@@ -85,13 +87,18 @@ kuberay: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. app/oip/grpc/grpc_predict_v2.proto
 
-# Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
-# (rayinfer vs vLLM's own OpenAI server, same model and client, at 1, 16 and 32 streams).
-# Not a test: no assertions on speed. Review artifacts/bench/{bench,generate}.md, then copy them into BENCHMARKS.md.
 # 10 minutes of mixed traffic at 70% of the measured capacity (README "Reliability"). Not a test.
 soak: setup
 	$(PY) -m benchmarks.soak
 
+# Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
+# (rayinfer vs vLLM's own OpenAI server, same model and client, at 1, 16 and 32 streams).
+# Then offline batch embeddings over 100,000 rows (raw limit, python -m batch, a Celery fan-out over
+# Redis, vectors vs /v1/embeddings): ~30 minutes more; the Celery peer installs itself into
+# artifacts/peers/celery-venv.
+# Not a test: no assertions on speed. Review artifacts/bench/{bench,generate,batch}.md, then copy them into BENCHMARKS.md.
 bench: setup
 	$(PY) -m benchmarks.bench
 	$(PY) -m benchmarks.bench_generate
+	command -v redis-server >/dev/null || { apt-get update -q && apt-get install -y -q redis-server; }
+	$(PY) -m benchmarks.bench_batch

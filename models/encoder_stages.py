@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModel
 
-from models.embedding import EncoderStage, read_pooling_spec
+from models.embedding import EncoderStage, Hidden, read_pooling_spec
 from models.stages import build_on_meta, materialise, read_range, stage_config
 
 
@@ -64,3 +65,34 @@ def load_encoder_stage(path: Path, start: int, end: int, device: str = "cpu") ->
         raise ValueError(f"stage [{start}, {end}) of {path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     dev = torch.device(device)
     return EncoderStage(torch.nn.Module.to(model, dev).eval(), read_pooling_spec(path), dev, first, last)
+
+
+def run_rows(stage: EncoderStage, rows: list[np.ndarray], chunk_size: int, pad_id: int = 0) -> list[np.ndarray]:
+    """`stage` over rows of different lengths, each on its own: token ids [T] into a first stage, hidden
+    states [T, H] into a later one. Rows go in chunks sorted by length, padded to the chunk's longest
+    (padding masked, so a row's result does not depend on its chunk mates). Per row, in input order:
+    the hidden states [T, H] of its tokens, or from a last stage its pooled vector [H] (float32)."""
+    out: dict[int, np.ndarray] = {}
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), chunk_size):
+        idx = order[start : start + chunk_size]
+        lengths = [len(rows[i]) for i in idx]
+        width = max(lengths)
+        if stage.first:
+            states = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        else:
+            states = torch.zeros((len(idx), width, rows[idx[0]].shape[-1]), dtype=torch.float32)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, (i, n) in enumerate(zip(idx, lengths)):
+            states[row, :n] = torch.as_tensor(rows[i])
+            mask[row, :n] = 1
+        result = stage(Hidden(states, mask))
+        if isinstance(result, torch.Tensor):  # the last stage's pooled vectors
+            vectors = result.numpy()
+            for row, i in enumerate(idx):
+                out[i] = vectors[row]
+        else:
+            hidden = result.states.float().cpu().numpy()
+            for row, (i, n) in enumerate(zip(idx, lengths)):
+                out[i] = hidden[row, :n]
+    return [out[i] for i in range(len(rows))]

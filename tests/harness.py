@@ -238,6 +238,22 @@ def serve_config_on(port: int, grpc_port: int | None = None) -> dict:
     return config
 
 
+def online_vectors(model: str, texts: list[str]) -> list[list[float]]:
+    """`texts`' vectors from /v1/embeddings of a `serve run` of the shipped config holding only the
+    embedding model `model` (its deployment, or the Ingress it runs inside), in slices of 2048."""
+    config = serve_config_on(free_port())
+    app = config["applications"][0]
+    app["args"]["models"] = [m for m in app["args"]["models"] if m["name"] == model]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", f"Embedder-{model}")]
+    vectors: list[list[float]] = []
+    with serve_run(config) as url, httpx.Client(base_url=url, timeout=600) as client:
+        for s in range(0, len(texts), 2048):
+            body = client.post("/v1/embeddings", json={"model": model, "input": texts[s : s + 2048]})
+            body.raise_for_status()
+            vectors += [item["embedding"] for item in body.json()["data"]]
+    return vectors
+
+
 def with_pipelines(config: dict) -> dict:
     """`config` (a serve_config.yaml as a dict) with serve_config.pipeline.yaml's models and their
     deployments added to its application, behind its one ingress: how the integration tests serve both."""
@@ -246,3 +262,60 @@ def with_pipelines(config: dict) -> dict:
     app["args"]["models"] += pipeline["args"]["models"]
     app["deployments"] += [d for d in pipeline["deployments"] if d["name"] != "Ingress"]
     return config
+
+
+def _processes() -> dict[int, int]:
+    """pid → parent pid of every process that is not a zombie."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                table[int(stat.parent.name)] = int(fields[1])
+    return table
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and its live descendants: for a driver that started its own Ray cluster, that cluster's
+    GCS, raylet, agents and (children of the raylet) every worker."""
+    table = _processes()
+    if root not in table:
+        return set()
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in table.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSnapshot:
+    """The processes of a driver's own cluster, taken while the driver lives."""
+
+    pids: frozenset[int]
+    raylets: frozenset[int]
+
+    @classmethod
+    def of(cls, driver: int) -> ClusterSnapshot:
+        pids = process_tree(driver)
+        return cls(frozenset(pids), frozenset(p for p in pids if b"/raylet/raylet" in _read(f"/proc/{p}/cmdline")))
+
+    def leftovers(self) -> set[int]:
+        """What still lives of it: its processes, their descendants, and any Ray worker of its raylets (a
+        worker knows its raylet's pid from RAY_RAYLET_PID, even once its parent is gone)."""
+        raylets = {f"RAY_RAYLET_PID={pid}".encode() for pid in self.raylets}
+        seeds = {
+            pid for pid in _processes() if pid in self.pids or raylets & set(_read(f"/proc/{pid}/environ").split(b"\0"))
+        }
+        alive: set[int] = set()
+        for pid in seeds:
+            alive |= process_tree(pid)
+        return alive
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""

@@ -21,7 +21,7 @@ from app.environment import HAPROXY_WRAPPER, SERVE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).resolve().parent
-RAY_VERSION = "2.60.0"  # pyproject.toml's ray[serve] pin (tests/unit/test_kuberay.py checks)
+RAY_VERSION = "2.60.0"  # pyproject.toml's ray[serve,data] pin (tests/unit/test_kuberay.py checks)
 # Built by deploy/Dockerfile on rayproject/ray:<RAY_VERSION>-py311 (CPU) / -py311-gpu (CUDA).
 IMAGE = {"cpu": f"rayinfer:0.1.0-ray{RAY_VERSION}-py311", "gpu": f"rayinfer:0.1.0-ray{RAY_VERSION}-py311-gpu"}
 APP_LABELS = {"app.kubernetes.io/name": "rayinfer", "app.kubernetes.io/part-of": "rayinfer"}

@@ -128,7 +128,7 @@ def test_each_rayservice_serves_its_serve_config_on_the_pinned_ray(profile):
     source = yaml.safe_load((ROOT / profile.serve_config).read_text())
     assert serve_config["applications"] == source["applications"]
     assert (serve_config["http_options"]["host"], serve_config["proxy_location"]) == ("0.0.0.0", "EveryNode")
-    pin = re.search(r'"ray\[serve\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    pin = re.search(r'"ray\[serve(?:,data)?\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
     cluster = manifest["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == kuberay.RAY_VERSION == pin
     assert manifest["spec"]["upgradeStrategy"] == {"type": "NewCluster"}

@@ -56,7 +56,11 @@ def test_model_code_imports_no_ray_and_no_service_code():
     assert offending("models", ("ray", "app", "deployments")) == {}
 
 
-@pytest.mark.parametrize("folder", ["app", "deployments", "models", "tests"])
+def test_batch_is_ray_data_plumbing_around_the_model_code_not_the_service():
+    assert offending("batch", ("app.core", "app.http", "app.openai", "app.oip", "deployments", "ray.serve")) == {}
+
+
+@pytest.mark.parametrize("folder", ["app", "batch", "deployments", "models", "tests"])
 def test_nothing_but_the_load_tools_own_tests_needs_the_load_tool(folder):
     own = {"tests/unit/test_loadtest_report.py", "tests/integration/test_loadtest_tool.py"}
     found = {p: m for p, m in offending(folder, ("loadtest",)).items() if p not in own}

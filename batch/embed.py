@@ -1,0 +1,224 @@
+"""`python -m batch embed`: the Ray Data stages of an embedding job.
+
+    read (RowsSource) ─► tokenize (CPU tasks) ─► model actor pool ─► write (ResultSink)
+                                                └ or Stage0 pool ─► … ─► StageN-1 pool
+
+The model code is the online service's: models/embedding.py's EmbeddingModel (tokenizer,
+truncation rule, `embed_ids` with its length-sorted padded chunks of `max_batch_size`) on the
+config's `runtime` (torch, or the same weights on ONNX Runtime, exported once into artifacts/onnx/
+by models/onnx_encoder.py, as the online service loads it), and for a
+model with `pipeline_stages > 1` models/encoder_stages.py's stages, one actor pool each, the
+hidden states of each row going to the next pool in the dataset. A row that already carries an
+error passes through every stage untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+import torch
+from ray.actor import ActorHandle
+from ray.data import ActorPoolStrategy
+
+from app.config import ModelConfig
+from batch.sources import ERROR, VALUE
+from batch.spec import Pool
+from models.embedding import EmbeddingModel
+from models.encoder_stages import load_encoder_stage, run_rows
+
+TOKENS = "_tokens"  # token ids (list<int32>) out of the tokenizer
+HIDDEN = "_hidden"  # a row's hidden states between stages, flattened [T * H] (list<float32>)
+EMBEDDING = "embedding"
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """What every stage of an embedding job needs to know (picklable: it goes to each task and actor)."""
+
+    name: str
+    path: str  # the checkpoint directory
+    id_field: str
+    max_input_tokens: int | None
+    truncate: bool
+    chunk_size: int  # rows per forward pass (the model's max_batch_size)
+    device: str  # "auto", "cpu" or "cuda"
+    runtime: str = "torch"  # "torch" or "onnx" (the config's; a split model is torch)
+
+
+def embed_job(cfg: ModelConfig, path: str, id_field: str = "id", truncate: bool = False) -> EmbedJob:
+    """The job of model `cfg` (checkpoint at `path`) as its online config runs it."""
+    return EmbedJob(
+        name=cfg.name,
+        path=path,
+        id_field=id_field,
+        max_input_tokens=cfg.max_input_tokens,
+        truncate=truncate or cfg.truncate,
+        chunk_size=cfg.max_batch_size,
+        device=cfg.device,
+        runtime=cfg.runtime,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, max_input_tokens: int | None) -> EmbeddingModel:
+    return EmbeddingModel(Path(path), weights=False, max_input_tokens=max_input_tokens)
+
+
+def tokenize(batch: pa.Table, job: EmbedJob) -> pa.Table:
+    """Token ids for the good rows; an over-long text is cut (`truncate`) or becomes an error."""
+    model = _tokenizer(job.path, job.max_input_tokens)
+    errors = batch[ERROR].to_pylist()
+    todo = [i for i, e in enumerate(errors) if e is None]
+    texts = batch[VALUE].to_pylist()
+    tokens: list[list[int] | None] = [None] * len(errors)
+    for i, ids in zip(todo, model.tokenize([texts[i] for i in todo]) if todo else []):
+        if len(ids) <= model.max_tokens or job.truncate:
+            tokens[i] = model.truncate(ids)
+        else:
+            errors[i] = (
+                f"text has {len(ids)} tokens; model {job.name!r} accepts at most {model.max_tokens} "
+                "(shorten it, or run with --truncate)"
+            )
+    return pa.table(
+        {
+            job.id_field: batch[job.id_field],
+            TOKENS: pa.array(tokens, pa.list_(pa.int32())),
+            ERROR: pa.array(errors, pa.string()),
+        }
+    )
+
+
+def _device(job: EmbedJob, pool: Pool) -> str:
+    if job.device != "auto":
+        return job.device
+    return "cuda" if pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def load_model(job: EmbedJob, pool: Pool) -> EmbeddingModel:
+    """The whole model as the online service loads it (deployments/embedder.py, load_model): the config's
+    runtime with the pool's threads (torch's are process-wide, ONNX Runtime's per session). The raw
+    limit and the Celery peer of the benchmark load it through here too."""
+    torch.set_num_threads(pool.threads)
+    return EmbeddingModel(
+        Path(job.path),
+        device=_device(job, pool),
+        max_input_tokens=job.max_input_tokens,
+        runtime=job.runtime,
+        threads=pool.threads,
+    )
+
+
+class WholeModel:
+    """An actor holding the whole model: EmbeddingModel.embed_ids, as the online service runs it."""
+
+    def __init__(self, job: EmbedJob, pool: Pool, counter: ActorHandle | None = None):
+        self.job, self.counter = job, counter
+        self.model = load_model(job, pool)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good = _good(batch)
+        tokens = batch[TOKENS].filter(good).to_pylist()
+        vectors = self.model.embed_ids(tokens, self.job.chunk_size) if tokens else np.empty((0, self.model.dim))
+        _count(self.counter, batch.num_rows)
+        return _vectors_table(batch, self.job.id_field, good, vectors, self.model.dim)
+
+
+class EncoderStagePool:
+    """An actor holding one stage (layers [start, end)) of a split encoder."""
+
+    def __init__(self, job: EmbedJob, pool: Pool, first: bool, last: bool, counter: ActorHandle | None = None):
+        torch.set_num_threads(pool.threads)
+        self.job, self.first, self.last, self.counter = job, first, last, counter
+        if pool.layers is None:
+            raise ValueError(f"{pool.name}: a stage pool needs its layer range")
+        start, end = pool.layers
+        self.stage = load_encoder_stage(Path(job.path), start, end, device=_device(job, pool))
+        tokenizer = _tokenizer(job.path, job.max_input_tokens)
+        self.pad_id, self.dim = tokenizer.pad_id, tokenizer.dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good = _good(batch)
+        if self.first:
+            rows = [np.asarray(t, dtype=np.int64) for t in batch[TOKENS].filter(good).to_pylist()]
+        else:
+            rows = [h.reshape(-1, self.dim) for h in _flat_rows(batch[HIDDEN].filter(good))]
+        out = run_rows(self.stage, rows, self.job.chunk_size, self.pad_id) if rows else []
+        if self.last:
+            _count(self.counter, batch.num_rows)
+            vectors = np.stack(out) if out else np.empty((0, self.dim), np.float32)
+            return _vectors_table(batch, self.job.id_field, good, vectors, self.dim)
+        return pa.table(
+            {self.job.id_field: batch[self.job.id_field], HIDDEN: _scatter_lists(out, good), ERROR: batch[ERROR]}
+        )
+
+
+def _count(counter: ActorHandle | None, rows: int) -> None:
+    if counter is not None:
+        counter.add.remote(rows)  # fire and forget: progress only (batch/progress.py)
+
+
+def _good(batch: pa.Table) -> pa.ChunkedArray:
+    return pc.is_null(batch[ERROR])
+
+
+def _flat_rows(column: pa.ChunkedArray) -> list[np.ndarray]:
+    array = column.combine_chunks()
+    values = array.values.to_numpy(zero_copy_only=False)
+    offsets = array.offsets.to_numpy()
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(array))]
+
+
+def _scatter_lists(rows: list[np.ndarray], good: pa.ChunkedArray) -> pa.Array:
+    """A list<float32> column: each good row's flattened array in turn, null for the others."""
+    mask = good.to_numpy(zero_copy_only=False)
+    lengths = np.zeros(len(mask), dtype=np.int32)
+    lengths[mask] = [r.size for r in rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate([r.ravel() for r in rows]).astype(np.float32) if rows else np.empty(0, np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=pa.array(~mask))
+
+
+def _vectors_table(batch: pa.Table, id_field: str, good: pa.ChunkedArray, vectors: np.ndarray, dim: int) -> pa.Table:
+    mask = good.to_numpy(zero_copy_only=False)
+    full = np.zeros((len(mask), dim), dtype=np.float32)
+    full[mask] = vectors
+    column = pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), dim, mask=pa.array(~mask))
+    return pa.table({id_field: batch[id_field], EMBEDDING: column, ERROR: batch[ERROR]})
+
+
+def build(
+    ds: ray.data.Dataset,
+    job: EmbedJob,
+    pools: list[Pool],
+    concurrency: list[tuple[int, int]],
+    batch_size: int,
+    tokenize_cpus: float,
+    counter: ActorHandle | None = None,
+) -> ray.data.Dataset:
+    """Append the tokenize stage and the model's actor pools to `ds`."""
+    ds = ds.map_batches(
+        functools.partial(tokenize, job=job), batch_format="pyarrow", batch_size=batch_size, num_cpus=tokenize_cpus
+    )
+    for k, (pool, conc) in enumerate(zip(pools, concurrency)):
+        fn: type[WholeModel | EncoderStagePool] = WholeModel if pool.layers is None else EncoderStagePool
+        args: tuple[Any, ...] = (job, pool, counter)
+        if pool.layers is not None:
+            args = (job, pool, k == 0, k == len(pools) - 1, counter)
+        ds = ds.map_batches(
+            fn,
+            fn_constructor_args=args,
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
+            runtime_env={"env_vars": pool.env} if pool.env else None,
+        )
+    return ds

@@ -1,0 +1,149 @@
+"""`make bench`, the batch part: `python -m batch embed` against the raw in-process limit of the same
+model and numerics, and against a Celery fan-out over Redis, on the same JSONL rows, side by side
+in one run; then its vectors against the online service's /v1/embeddings.
+
+    python -m benchmarks.bench_batch [--rows 100000]        # report: artifacts/bench/batch.md
+
+1. raw: one process holding the model (EmbeddingModel, the model's threads and max_batch_size),
+   tokenize + embed_ids over the rows already in memory, slices of --batch-size: the limit.
+2. batch: `python -m batch embed --model M --input rows.jsonl --output DIR`, a local cluster of its own;
+   rows/s from its summary (read to write, actor start-up and model load included).
+3. celery: redis-server, `celery worker` (prefork, each process holding the model: benchmarks/celery_peer.py)
+   and a chord of --batch-size slices, timed from submission to the chord's callback.
+4. online: `serve run` of the shipped config's embedding model; every row's /v1/embeddings vector is
+   compared with the batch output (cosine).
+
+Everything runs at nice 15, as Ray's workers do. Not a test: nothing asserts on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.batch_peers import celery_run, online_cosines, raw_run
+from loadtest.scenarios import sentence
+from tests.harness import ROOT
+
+NICE = 15
+
+
+def make_input(path: Path, rows: int) -> Path:
+    """rows.jsonl of `rows` short sentences (~17 tokens), written once."""
+    if path.exists() and sum(1 for _ in path.open()) == rows:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for i in range(rows):
+            fh.write(json.dumps({"id": i, "text": sentence(i)}) + "\n")
+    return path
+
+
+def batch_run(model: str, input_path: Path, out: Path, batch_size: int) -> dict:
+    """`python -m batch embed` as a user runs it; rows/s from its summary line."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [
+        "nice",
+        "-n",
+        str(NICE),
+        sys.executable,
+        "-m",
+        "batch",
+        "embed",
+        "--model",
+        model,
+        "--input",
+        str(input_path),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--no-progress",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"batch failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    line = next(x for x in done.stdout.splitlines() if "rows written" in x)
+    rows = int(line.split(" rows written")[0].replace(",", ""))
+    seconds = float(line.split(" in ")[1].split(" s ")[0])
+    return {
+        "name": "python -m batch embed",
+        "rows": rows,
+        "seconds": seconds,
+        "wall_s": wall,
+        "load": (load, os.getloadavg()[0]),
+    }
+
+
+def report(results: list[dict], cos: dict, args: argparse.Namespace) -> str:
+    raw = next(r for r in results if r["name"].startswith("raw"))
+    batch = next(r for r in results if r["name"].startswith("python -m batch"))
+    lines = [
+        f"## Batch embeddings: {args.rows:,} JSONL rows, {args.model} ({datetime.date.today()})",
+        "",
+        (
+            f"`python -m benchmarks.bench_batch --rows {args.rows}` on {platform.node()}, {os.cpu_count()} CPUs, "
+            "every process at nice 15; load average (1 min) before/after each run in the last column."
+        ),
+        "",
+        "| run | rows | seconds | rows/s | vs raw | python -m batch vs it | load |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        rate = r["rows"] / r["seconds"]
+        lines.append(
+            f"| {r['name']} | {r['rows']:,} | {r['seconds']:.1f} | {rate:,.0f} | "
+            f"{rate / (raw['rows'] / raw['seconds']):.2f}x | "
+            f"{(batch['rows'] / batch['seconds']) / rate:.2f}x | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
+        )
+    lines += [
+        "",
+        f"`python -m batch embed` wall time, cluster start included: {batch['wall_s']:.1f} s.",
+        "",
+        (
+            f"Vectors against the online `/v1/embeddings` ({cos['rows']:,} rows): cosine min {cos['min']:.7f}, "
+            f"max abs difference {cos['max_abs']:.2e}; rows missing from the batch output: {cos['missing']}."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--model", default="all-MiniLM-L6-v2")
+    ap.add_argument("--batch-size", type=int, default=256, help="rows per model call, the same for all three")
+    ap.add_argument("--celery-procs", type=int, default=2, help="celery worker processes (prefork)")
+    ap.add_argument("--online-every", type=int, default=1, help="compare every Nth row with /v1/embeddings")
+    ap.add_argument("--dir", type=Path, default=ROOT / "artifacts" / "bench" / "batch")
+    args = ap.parse_args(argv)
+    rows = make_input(args.dir / "rows.jsonl", args.rows)
+    results = [
+        raw_run(args.model, rows, args.batch_size, NICE),
+        batch_run(args.model, rows, args.dir / "batch-out", args.batch_size),
+        celery_run(args.model, rows, args.dir / "celery-out", args.batch_size, args.celery_procs, NICE),
+    ]
+    cos = online_cosines(args.model, rows, args.dir / "batch-out", args.online_every)
+    text = report(results, cos, args)
+    (args.dir.parent / "batch.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The article's alternative for a backfill, run here as the peer of `python -m batch`: a Celery fan-out over
+Redis, a chord of tasks, each worker process holding the model.
+
+Runs in its own venv (artifacts/peers/celery-venv: Celery and its Redis client only), which sees this
+repository and the project's venv through a .pth file, so the model code, torch and its numerics are
+the very ones `python -m batch` runs. Each worker process loads the model as the batch job's actor
+does (batch/embed.py, load_model: the config's runtime, PEER_THREADS threads); each task embeds a
+slice of rows as that actor does (tokenize, embed_ids in chunks of the model's max_batch_size) and
+writes its own Parquet part; the chord's callback adds up the rows.
+
+    PEER_REDIS_URL=redis://127.0.0.1:PORT/0 celery -A benchmarks.celery_peer worker -c 2 ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from celery import Celery
+from celery.signals import worker_process_init
+
+from batch.embed import embed_job, load_model
+from batch.spec import Overrides, find_model, model_spec
+from models.embedding import EmbeddingModel
+from models.loader import resolve_source
+
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
+
+app = Celery("rayinfer_peer", broker=os.environ.get("PEER_REDIS_URL"), backend=os.environ.get("PEER_REDIS_URL"))
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,  # a slow task does not hold back the queue behind it
+    result_expires=3600,
+)
+
+_model: EmbeddingModel | None = None
+
+
+@worker_process_init.connect
+def _load(**_) -> None:
+    """Each worker process holds the model, loaded once."""
+    global _model
+    cfg, options = find_model(SERVE_CONFIG, os.environ.get("PEER_MODEL", "all-MiniLM-L6-v2"), "embed")
+    threads = int(os.environ.get("PEER_THREADS", "1"))
+    (pool,) = model_spec(cfg, options, Overrides(threads=threads)).pools
+    _model = load_model(embed_job(cfg, str(resolve_source(cfg.source))), pool)
+
+
+@app.task
+def embed_rows(ids: list[str], texts: list[str], out_dir: str, part: int, chunk_size: int) -> int:
+    """Embed one slice of rows into out_dir/part-<part>.parquet (over-long texts are left out)."""
+    tokens = _model.tokenize(texts)
+    keep = [i for i, t in enumerate(tokens) if len(t) <= _model.max_tokens]
+    vectors = _model.embed_ids([tokens[i] for i in keep], chunk_size)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), _model.dim)
+    target = Path(out_dir) / f"part-{part:06d}.parquet"
+    pq.write_table(pa.table({"id": [ids[i] for i in keep], "embedding": column}), target)
+    return len(keep)
+
+
+@app.task
+def total(counts: list[int]) -> int:
+    """The chord's callback: every slice is done."""
+    return sum(counts)
