@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve status test test-unit test-service lint bench soak clean protos kuberay tools
+.PHONY: setup serve status test test-unit test-service test-batch lint bench soak clean protos kuberay tools
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -61,6 +61,10 @@ lint: setup
 test: setup lint tools
 	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu
 	$(PY) -m pytest -q -rs -m "not service" tests/e2e
+
+# python -m batch on its own Ray cluster (tests/batch; README "Offline batch inference"): 12 tests,
+# ~12 min, beyond make test's budget; .ci/run runs it after make test.
+test-batch: setup
 	$(PY) -m pytest -q -rs tests/batch
 
 # `make serve` as a service (tests/e2e/test_service.py; README "Starting and stopping"): every
