@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 
@@ -35,7 +36,9 @@ class LocalEmbedder:
         logger.info("%s loaded in the ingress from %s (%s)", cfg.name, self.model.path, cfg.runtime)
 
     async def _forward(self, flat: list[list[int]]) -> np.ndarray:
-        async with self._slots:
+        waited = time.perf_counter()
+        async with self._slots:  # in the ingress, a batch queues for one of the model's compute slots
+            self.batches.observe_queue(time.perf_counter() - waited)
             return await asyncio.to_thread(self.model.embed_ids, flat, self.cfg.max_batch_size)
 
     async def embed(self, job: EmbedJob) -> EmbedResult | RayInferError:

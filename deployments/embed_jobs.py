@@ -55,13 +55,17 @@ class EmbedBatches:
         """One batch of calls, each (arrival time, its jobs): each call's results, in order."""
         start = time.perf_counter()
         for arrived, _ in calls:
-            self._metrics.phase.observe(start - arrived, self._tags["queue"])
+            self.observe_queue(start - arrived)
         results = await self.run([job for _, jobs in calls for job in jobs])
         out, offset = [], 0
         for _, jobs in calls:
             out.append(results[offset : offset + len(jobs)])
             offset += len(jobs)
         return out
+
+    def observe_queue(self, seconds: float) -> None:
+        """A call's wait before the model took it up (the phase="queue" histogram)."""
+        self._metrics.phase.observe(seconds, self._tags["queue"])
 
     async def run(self, jobs: list[EmbedJob]) -> list[Result]:
         """The jobs' results in order: vectors, or the client error a job deserves (returned, not raised)."""

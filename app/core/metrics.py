@@ -172,7 +172,8 @@ class ModelMetrics:
     def __init__(self):
         self.phase = metrics.Histogram(
             "rayinfer_phase_seconds",
-            description="Time per phase. embed: queue (arrival at the replica to its batch), tokenize, "
+            description="Time per phase. embed: queue (arrival at the replica to its batch; in the ingress, a batch's "
+            "wait for a compute slot), tokenize, "
             "inference (forward). generate: first_token (vLLM's time to first token: arrival in the engine "
             "to the first generated token, queueing and prefill included).",
             boundaries=LATENCY_BUCKETS_S,

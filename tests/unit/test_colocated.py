@@ -55,6 +55,15 @@ def test_a_bad_job_gets_its_own_error_and_its_batch_mates_their_vectors(referenc
     assert local.batches.stats["mixed_batches"] == 1 and local.batches.stats["batches"] == 2
 
 
+def test_a_batch_in_the_ingress_records_its_queue_wait_once_per_forward(monkeypatch):
+    # The dashboard's queue panels read phase="queue"; in the ingress it is a batch's wait for a slot.
+    local = _local()
+    waits: list[float] = []
+    monkeypatch.setattr(local.batches, "observe_queue", waits.append)
+    asyncio.run(local.embed_many([EmbedJob(texts=["one"]), EmbedJob(texts=["two", "three"])]))
+    assert len(waits) == 1 and waits[0] >= 0
+
+
 def test_check_health_runs_a_real_forward_and_fails_on_an_unusable_vector():
     local = _local()
     forwards: list[list[list[int]]] = []
