@@ -269,7 +269,10 @@ def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile
 
         wait_for_condition(says_lm_not_ready, timeout=30, retry_interval_ms=100)
         wait_for_condition(lambda: cluster.settled(**replicas), timeout=600, retry_interval_ms=500)
-        wait_for_condition(lambda: client.get("/readyz").status_code == 200, timeout=60, retry_interval_ms=200)
+        # Ready again once the probes reach the new replicas: under load on 2 cores the restarted engine's
+        # first answers can outlast the probe's timeout (a run saw 60 s pass after Serve had settled);
+        # the promise is that readiness comes back, not how fast.
+        wait_for_condition(lambda: client.get("/readyz").status_code == 200, timeout=300, retry_interval_ms=500)
         load.wait_for(20)
     assert not load.failures(), load.failures()[:5]
     hit = load.spanning(embedder_killed, "embed"), load.spanning(generator_killed, "complete")
