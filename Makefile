@@ -63,7 +63,7 @@ test: setup lint tools
 	$(PY) -m pytest -q -rs -m "not service" tests/e2e
 
 # python -m batch on its own Ray cluster (tests/batch; README "Offline batch inference"): 12 tests,
-# ~12 min, beyond make test's budget; .ci/run runs it after make test.
+# ~7 min quiet, beyond make test's budget; .ci/run runs it after make test.
 test-batch: setup
 	$(PY) -m pytest -q -rs tests/batch
 
