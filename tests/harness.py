@@ -161,6 +161,18 @@ class RayHead:
         return {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
 
 
+# Every port `ray start --head` opens on a fixed default: a test cluster puts each on a free one.
+RAY_PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
+
+
 @contextlib.contextmanager
 def ray_head(log_dir: Path, num_cpus: int | None = None, redis: str | None = None) -> Iterator[RayHead]:
     """A long-lived cluster as operators run one: `ray start --head`, with Ray's token
@@ -169,18 +181,7 @@ def ray_head(log_dir: Path, num_cpus: int | None = None, redis: str | None = Non
 
     With `redis` (host:port): GCS fault tolerance, the GCS's state in that Redis (RAY_REDIS_ADDRESS),
     and `ray start` without `--block` (which takes every process down when one dies, the GCS included)."""
-    ports = {
-        flag: free_port()
-        for flag in (
-            "--port",
-            "--dashboard-port",
-            "--ray-client-server-port",
-            "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port",
-            "--runtime-env-agent-port",
-            "--metrics-export-port",
-        )
-    }
+    ports = {flag: free_port() for flag in RAY_PORT_FLAGS}
     args = [
         str(BIN / "ray"),
         "start",

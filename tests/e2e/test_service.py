@@ -33,7 +33,7 @@ from ray._common.test_utils import wait_for_condition
 
 from supervise import procs
 from tests.e2e.make_serve import Run, Stream, answers_200, start, still_alive, wait_stopped
-from tests.harness import ROOT, free_port, serve_config_on, serve_env
+from tests.harness import RAY_PORT_FLAGS, ROOT, free_port, serve_config_on, serve_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.service, pytest.mark.timeout(600)]
 
@@ -190,17 +190,6 @@ def test_a_port_held_by_another_process_refuses_the_start_and_leaves_it_alone(se
     finally:
         holder.kill()
         holder.wait()
-
-
-RAY_PORT_FLAGS = (
-    "--port",
-    "--dashboard-port",
-    "--ray-client-server-port",
-    "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port",
-    "--runtime-env-agent-port",
-    "--metrics-export-port",
-)
 
 
 def _ray_start_args() -> tuple[str, list[str]]:
