@@ -1,0 +1,21 @@
+"""`make bench`: every process of a benchmark run at one nice (NICE), servers, peers and load generators alike.
+
+Ray's raylet starts its workers `RAY_worker_niceness` (15) above its own nice, so a cluster started from
+a process already at nice 15 runs its workers (the replicas, the model, vLLM's engine) at 19, below the
+peers and the load generator at 15: with the machine busy, the scheduler gives them 15/36 of a nice-15
+process's share (measured: a streamed token reached the client seconds after the ingress sent it).
+A benchmark calls `same_nice()` before starting anything, and its clusters inherit SAME_NICE_ENV.
+"""
+
+from __future__ import annotations
+
+import os
+
+NICE = 15
+SAME_NICE_ENV = {"RAY_worker_niceness": "0"}  # Ray workers at their raylet's nice: the bench's
+
+
+def same_nice(nice: int = NICE) -> None:
+    """This process (and what it starts) at `nice`, and Ray clusters it starts with workers at it too."""
+    os.nice(nice - os.nice(0))
+    os.environ.update(SAME_NICE_ENV)

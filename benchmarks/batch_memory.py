@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from batch import output
+from benchmarks import NICE, SAME_NICE_ENV
 from tests.harness import ROOT, process_tree
 
 ROLES = ("driver", "model actor", "other Ray workers", "Ray daemons")
@@ -69,7 +70,7 @@ def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
     cmd = [
         "nice",
         "-n",
-        "15",
+        str(NICE),
         sys.executable,
         "-m",
         "batch",
@@ -82,7 +83,7 @@ def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
         str(out),
         "--no-progress",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **SAME_NICE_ENV}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True
     )

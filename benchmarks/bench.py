@@ -6,8 +6,9 @@ artifacts/peers/, built by benchmarks/peers.py, never in the project's), and ray
 (the shipped serve_config.yaml, and one switch changed each). Loads: `wrk` (C; a Lua script for the
 body: benchmarks/wrk/embeddings.lua) at concurrency 32 with one short text per request, then 32
 texts per request at concurrency 4; and the project's own load generator (python -m loadtest) at
-concurrency 32. Everything runs at nice 15: Ray's workers do, and a load generator at nice 0 on the
-same cores would starve them. Not a test: nothing asserts on speed. Writes artifacts/bench/embed.{md,json}.
+concurrency 32. Every process runs at nice 15, Ray's workers included (benchmarks/__init__.py): a
+load generator above the servers on the same cores would starve them. Not a test: nothing asserts
+on speed. Writes artifacts/bench/embed.{md,json}.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks import peers
+from benchmarks import NICE, peers, same_nice
 from loadtest import report, runner
 from loadtest.scenarios import Embeddings, sentence
 from tests.harness import ROOT, free_port, serve_config_on, serve_run
 
-NICE = 15
 MODEL = "all-MiniLM-L6-v2"
 LUA = ROOT / "benchmarks" / "wrk" / "embeddings.lua"
 WORKLOADS = {"single": (1, 32), "batch32": (32, 4)}  # texts per request, connections
@@ -131,7 +131,7 @@ def run_all(seconds: float, only: list[str] | None) -> dict:
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"raw": {rt: raw_limit(rt, 10.0) for rt in ("onnx", "torch")}, "servers": {}}
     print(f"raw limits: {results['raw']}", flush=True)
-    os.nice(NICE)  # after the raw measurement, which has the machine to itself
+    same_nice(NICE)  # after the raw measurement, which has the machine to itself
     servers = {**{name: lambda d, n=name: peers.serve(n, d) for name in peers.PEERS}}
     servers.update({name: lambda d, v=variant: rayinfer(v, d) for name, variant in VARIANTS.items()})
     for name, start in servers.items():

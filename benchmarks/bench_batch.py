@@ -13,7 +13,8 @@ in one run; then its vectors against the online service's /v1/embeddings.
 4. online: `serve run` of the shipped config's embedding model; every row's /v1/embeddings vector is
    compared with the batch output (cosine).
 
-Everything runs at nice 15, as Ray's workers do. Not a test: nothing asserts on speed.
+Every process runs at nice 15, the batch job's Ray workers included (benchmarks/__init__.py). Not a test:
+nothing asserts on speed.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import NICE, SAME_NICE_ENV
 from benchmarks.batch_peers import celery_run, online_cosines, raw_run
 from loadtest.scenarios import sentence
 from tests.harness import ROOT
-
-NICE = 15
 
 
 def make_input(path: Path, rows: int) -> Path:
@@ -67,7 +67,7 @@ def batch_run(model: str, input_path: Path, out: Path, batch_size: int) -> dict:
         str(batch_size),
         "--no-progress",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **SAME_NICE_ENV}
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)

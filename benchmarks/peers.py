@@ -13,10 +13,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks import NICE
 from models.loader import resolve_source
 from tests.harness import ROOT, free_port, stop, wait_ready
 
-NICE = 15
 VENVS = ROOT / "artifacts" / "peers"
 NAIVE = "naive FastAPI (one forward per request)"
 LITSERVE = "LitServe 0.2.19 (max_batch_size 32, batch_timeout 5 ms, 2 torch threads)"

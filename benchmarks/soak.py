@@ -5,7 +5,8 @@ arrivals (open loop: a slow server cannot hide its queueing). It holds when:
 - the p99 of every minute is within 1.5x of the first minute's,
 - every process of the cluster keeps its resident memory within 10% of what it had after warm-up,
 - no request fails (every answer a 200; a stream ends with its last chunk).
-Capacity is measured first, with a closed loop of the same mix. Not part of `make test`: ~13 minutes.
+Capacity is measured first, with a closed loop of the same mix. Every process at nice 15 (benchmarks/__init__.py).
+Not part of `make test`: ~13 minutes.
 Writes artifacts/bench/soak.md; exits 1 if the soak did not hold.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks import same_nice
 from loadtest.runner import Sample, closed_loop, open_loop
 from loadtest.scenarios import Completions, Embeddings, Outcome, sentence
 from tests.harness import ROOT, free_port, serve_config_on, serve_run_process
@@ -112,6 +114,7 @@ def main() -> int:
     args = parser.parse_args()
     log_dir = ROOT / "artifacts" / "soak"
     log_dir.mkdir(parents=True, exist_ok=True)
+    same_nice()  # the load generator no higher than the cluster's workers (benchmarks/__init__.py)
     with serve_run_process(serve_config_on(free_port()), log_dir=log_dir, ready_timeout_s=1200) as (url, proc):
         rate = args.rate
         if rate is None:  # capacity: what a closed loop of 16 clients completes per second
