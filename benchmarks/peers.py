@@ -52,7 +52,7 @@ def command(name: str, port: int) -> tuple[list[str], str]:
     infinity = venv("infinity").parent / "infinity_emb"
     args = ["v2", "--model-id", model_dir, "--served-model-name", "all-MiniLM-L6-v2", "--engine", "torch",
             "--device", "cpu", "--batch-size", "32", "--url-prefix", "/v1", "--port", str(port)]  # fmt: skip
-    return [str(infinity), *args], "/v1/health"
+    return [str(infinity), *args], "/health"  # not under --url-prefix
 
 
 @contextlib.contextmanager
