@@ -82,7 +82,10 @@ def _common(p: argparse.ArgumentParser, value_field: str, value_help: str) -> No
     p.add_argument("--rows-per-file", type=_positive(int), default=20_000, help="rows per result file and commit")
     p.add_argument("--num-cpus", type=float, help="CPUs per model actor (default: the config's)")
     p.add_argument("--num-gpus", type=float, help="GPUs per model actor (default: the config's)")
-    p.add_argument("--num-threads", type=_positive(int), help="model threads per actor (torch or ONNX Runtime)")
+    p.add_argument("--num-threads", type=_positive(int), help="model threads per actor, shared by its --calls")
+    p.add_argument(
+        "--calls", type=_positive(int), help="embed: batches one actor computes at once (default: concurrent_batches)"
+    )
     p.add_argument("--concurrency", type=_concurrency, help="actors per model pool: N or MIN,MAX")
     p.add_argument("--tokenize-cpus", type=float, default=1.0, help="CPUs per tokenize (or read) task")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         rows_per_file=args.rows_per_file,
         tokenize_cpus=args.tokenize_cpus,
-        overrides=Overrides(args.num_cpus, args.num_gpus, args.num_threads, args.concurrency),
+        overrides=Overrides(args.num_cpus, args.num_gpus, args.num_threads, args.concurrency, args.calls),
         address=args.address,
         progress=args.progress,
     )

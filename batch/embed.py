@@ -103,20 +103,21 @@ def _device(job: EmbedJob, pool: Pool) -> str:
 
 def load_model(job: EmbedJob, pool: Pool) -> EmbeddingModel:
     """The whole model as the online service loads it (deployments/embedder.py, load_model): the config's
-    runtime with the pool's threads (torch's are process-wide, ONNX Runtime's per session). The raw
-    limit and the Celery peer of the benchmark load it through here too."""
-    torch.set_num_threads(pool.threads)
+    runtime on each call's share of the pool's threads (torch's are process-wide, ONNX Runtime's per
+    session). The raw limit and the Celery peer of the benchmark load it through here too."""
+    torch.set_num_threads(pool.threads_per_call)
     return EmbeddingModel(
         Path(job.path),
         device=_device(job, pool),
         max_input_tokens=job.max_input_tokens,
         runtime=job.runtime,
-        threads=pool.threads,
+        threads=pool.threads_per_call,
     )
 
 
 class WholeModel:
-    """An actor holding the whole model: EmbeddingModel.embed_ids, as the online service runs it."""
+    """An actor holding the whole model: EmbeddingModel.embed_ids, as the online service runs it, on
+    `pool.calls` batches at once (threads of the actor, as the replica's concurrent_batches)."""
 
     def __init__(self, job: EmbedJob, pool: Pool, counter: ActorHandle | None = None):
         self.job, self.counter = job, counter
@@ -216,7 +217,12 @@ def build(
             fn_constructor_args=args,
             batch_format="pyarrow",
             batch_size=batch_size,
-            compute=ActorPoolStrategy(min_size=conc[0], max_size=conc[1]),
+            compute=ActorPoolStrategy(
+                min_size=conc[0],
+                max_size=conc[1],
+                max_concurrent_calls_per_actor=pool.calls,
+                enable_true_multi_threading=pool.calls > 1,
+            ),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
             runtime_env={"env_vars": pool.env} if pool.env else None,

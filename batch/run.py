@@ -138,7 +138,7 @@ def _pipeline(
 ) -> tuple[ray.data.Dataset, list[str]]:
     """The model's stages appended to `ds`, and the result columns they make."""
     cfg, path = spec.cfg, str(resolve_source(spec.cfg.source))
-    concurrency = [fit_concurrency(p, cluster, len(spec.pools)) for p in spec.pools]
+    concurrency = [fit_concurrency(p, cluster, len(spec.pools), job.tokenize_cpus) for p in spec.pools]
     if job.task == "generate":
         (pool,) = spec.pools
         # vLLM batches inside one engine; on CPUs one engine per node unless told otherwise.

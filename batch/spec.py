@@ -33,10 +33,15 @@ class Pool:
     name: str
     num_cpus: float
     num_gpus: float
-    threads: int
+    threads: int  # the actor's threads, all its calls together
     env: dict[str, str] = field(default_factory=dict)
     layers: tuple[int, int] | None = None  # a stage's [start, end); None for the whole model
     concurrency: tuple[int, int] | None = None  # (min, max) actors; None: fit the cluster
+    calls: int = 1  # batches one actor computes at once, each on threads // calls threads (concurrent_batches)
+
+    @property
+    def threads_per_call(self) -> int:
+        return max(1, self.threads // self.calls)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Overrides:
     num_gpus: float | None = None
     threads: int | None = None
     concurrency: tuple[int, int] | None = None
+    calls: int | None = None
 
 
 def find_model(config_path: Path, name: str, task: str) -> tuple[ModelConfig, dict[str, dict]]:
@@ -97,8 +103,16 @@ def _pool(cfg: ModelConfig, name: str, options: dict[str, dict], kind: str, laye
     cpus = float(opts.get("num_cpus", DEFAULT_CPUS[kind]))
     env = dict(((opts.get("runtime_env") or {}).get("env_vars")) or {})
     threads = cfg.num_threads or max(1, int(cpus))
+    # A whole model computes concurrent_batches batches at once in one actor, as its replica does online.
+    calls = cfg.concurrent_batches if kind == "whole" and cfg.task == "embed" else 1
     return Pool(
-        name=name, num_cpus=cpus, num_gpus=float(opts.get("num_gpus", 0)), threads=threads, env=env, layers=layers
+        name=name,
+        num_cpus=cpus,
+        num_gpus=float(opts.get("num_gpus", 0)),
+        threads=threads,
+        env=env,
+        layers=layers,
+        calls=calls,
     )
 
 
@@ -109,18 +123,20 @@ def _override(pool: Pool, o: Overrides) -> Pool:
         num_gpus=pool.num_gpus if o.num_gpus is None else o.num_gpus,
         threads=pool.threads if o.threads is None else o.threads,
         concurrency=o.concurrency,
+        calls=pool.calls if o.calls is None or pool.layers is not None else o.calls,
     )
 
 
-def fit_concurrency(pool: Pool, cluster: dict[str, float], pools: int) -> tuple[int, int]:
-    """(1, as many actors as the cluster holds): GPUs over num_gpus, else CPUs over the threads an actor
-    uses, shared between the model's `pools` pools."""
+def fit_concurrency(pool: Pool, cluster: dict[str, float], pools: int, task_cpus: float = 0.0) -> tuple[int, int]:
+    """(1, as many actors as the cluster holds): GPUs over num_gpus, else the CPUs left beside one
+    read/tokenize/write task (`task_cpus`) over the threads an actor uses, shared between the model's
+    `pools` pools."""
     if pool.concurrency is not None:
         return pool.concurrency
     if pool.num_gpus > 0:
         most = int(cluster.get("GPU", 0) // pool.num_gpus)
     else:
-        most = int(cluster.get("CPU", 1) // max(pool.num_cpus, pool.threads, 1))
+        most = int((cluster.get("CPU", 1) - task_cpus) // max(pool.num_cpus, pool.threads, 1))
     return 1, max(1, most // pools)
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from batch.spec import Overrides, find_model, model_spec
@@ -59,7 +60,11 @@ def raw_run(model: str, rows: Path, batch_size: int, nice: int) -> dict:
         "--batch-size",
         str(batch_size),
     ]
-    return _timed(cmd, pool.env, f"raw: EmbeddingModel ({cfg.runtime}) in one process, {pool.threads} threads")
+    return _timed(
+        cmd,
+        pool.env,
+        f"raw: EmbeddingModel ({cfg.runtime}), {pool.calls} slices at once x {pool.threads_per_call} threads",
+    )
 
 
 def _raw(model: str, input_path: Path, batch_size: int) -> dict:
@@ -69,11 +74,16 @@ def _raw(model: str, input_path: Path, batch_size: int) -> dict:
     cfg, pool = _pool(model)
     m = load_model(embed_job(cfg, str(resolve_source(cfg.source))), pool)  # as the batch job's actor does
     texts = [json.loads(line)["text"] for line in input_path.open()]
-    start = time.perf_counter()
-    for s in range(0, len(texts), batch_size):
+
+    def one(s: int) -> int:
         ids = [t for t in m.tokenize(texts[s : s + batch_size]) if len(t) <= m.max_tokens]
-        m.embed_ids(ids, cfg.max_batch_size)
-    return {"rows": len(texts), "seconds": time.perf_counter() - start}
+        return len(m.embed_ids(ids, cfg.max_batch_size))
+
+    start = time.perf_counter()
+    # pool.calls slices at once, each on its share of the threads, as the actor (and the replica) runs them
+    with ThreadPoolExecutor(pool.calls) as threads:
+        done = sum(threads.map(one, range(0, len(texts), batch_size)))
+    return {"rows": done, "seconds": time.perf_counter() - start}
 
 
 def ensure_celery_venv() -> Path:

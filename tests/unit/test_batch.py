@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -120,6 +121,9 @@ def test_models_come_from_the_serve_config_with_their_deployments_resources():
     (pool,) = spec.pools
     # placement: ingress: online, the model runs inside the Ingress, whose resources it takes.
     assert (pool.name, pool.num_cpus, pool.num_gpus, pool.threads) == ("Ingress", 1.0, 0.0, 2)
+    # concurrent_batches: 2 online (two batches at once, a thread each): one actor computing two calls at once.
+    assert (pool.calls, pool.threads_per_call) == (cfg.concurrent_batches, 1) == (2, 1)
+    assert model_spec(cfg, options, Overrides(threads=4, calls=1)).pools[0].threads_per_call == 4
     assert pool.env == {"OMP_WAIT_POLICY": "PASSIVE"} and cfg.runtime == "onnx"
     cfg, options = find_model(SERVE_CONFIG.with_name("serve_config.pipeline.yaml"), f"{MODEL}-pipeline", "embed")
     spec = model_spec(cfg, options, Overrides(num_gpus=1, concurrency=(1, 2)), [(0, 1), (1, 6)])
@@ -144,6 +148,9 @@ def test_pools_that_cannot_be_placed_are_refused_before_starting():
         check_fits(gpu, {"CPU": 8}, 1.0)
     assert fit_concurrency(pool, {"CPU": 9}, 1) == (1, 4)
     assert fit_concurrency(pool, {"CPU": 9}, 2) == (1, 2)
+    # beside one read/tokenize/write task: the local cluster of a 2-core machine (3 CPUs) holds one 2-thread actor
+    assert fit_concurrency(pool, {"CPU": 3}, 1, task_cpus=1.0) == (1, 1)
+    assert fit_concurrency(replace(pool, threads=1), {"CPU": 3}, 1, task_cpus=1.0) == (1, 2)
 
 
 def test_manifest_refuses_another_run_and_accepts_the_same(tmp_path):
