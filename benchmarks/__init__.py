@@ -3,7 +3,7 @@
 Ray's raylet starts its workers `RAY_worker_niceness` (15) above its own nice, so a cluster started from
 a process already at nice 15 runs its workers (the replicas, the model, vLLM's engine) at 19, below the
 peers and the load generator at 15: with the machine busy, the scheduler gives them 15/36 of a nice-15
-process's share (measured: a streamed token reached the client seconds after the ingress sent it).
+process's share (checked: under `nice -n 15`, a Ray task reports nice 19; with RAY_worker_niceness=0, 15).
 A benchmark calls `same_nice()` before starting anything, and its clusters inherit SAME_NICE_ENV.
 """
 
