@@ -15,6 +15,12 @@ NICE = 15
 SAME_NICE_ENV = {"RAY_worker_niceness": "0"}  # Ray workers at their raylet's nice: the bench's
 
 
+def own_cluster_env() -> dict[str, str]:
+    """The environment for a command that must start a Ray cluster of its own (`python -m batch`):
+    never $RAY_ADDRESS's, and its workers at the bench's nice."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **SAME_NICE_ENV}
+
+
 def same_nice(nice: int = NICE) -> None:
     """This process (and what it starts) at `nice`, and Ray clusters it starts with workers at it too."""
     os.nice(nice - os.nice(0))

@@ -15,14 +15,13 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from batch import output
-from benchmarks import NICE, SAME_NICE_ENV
+from benchmarks import NICE, own_cluster_env
 from tests.harness import ROOT, process_tree
 
 ROLES = ("driver", "model actor", "other Ray workers", "Ray daemons")
@@ -83,7 +82,7 @@ def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
         str(out),
         "--no-progress",
     ]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **SAME_NICE_ENV}
+    env = own_cluster_env()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True
     )

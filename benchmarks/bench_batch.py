@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import NICE, SAME_NICE_ENV
+from benchmarks import NICE, own_cluster_env
 from benchmarks.batch_peers import celery_run, online_cosines, raw_run
 from loadtest.scenarios import sentence
 from tests.harness import ROOT
@@ -67,7 +67,7 @@ def batch_run(model: str, input_path: Path, out: Path, batch_size: int) -> dict:
         str(batch_size),
         "--no-progress",
     ]
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **SAME_NICE_ENV}
+    env = own_cluster_env()
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
