@@ -22,7 +22,7 @@ from pathlib import Path
 
 from batch import output
 from benchmarks import NICE, own_cluster_env
-from tests.harness import ROOT, process_tree
+from tests.harness import ROOT, launch, process_tree
 
 ROLES = ("driver", "model actor", "other Ray workers", "Ray daemons")
 
@@ -83,9 +83,7 @@ def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
         "--no-progress",
     ]
     env = own_cluster_env()
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True
-    )
+    proc = launch(cmd, env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     samples, start = [], time.monotonic()
     while proc.poll() is None:
         samples.append({"s": time.monotonic() - start, "rows": output.committed_rows(out), **sample(proc.pid)})

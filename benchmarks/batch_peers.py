@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from batch.spec import Overrides, find_model, model_spec
-from tests.harness import ROOT, free_port, online_vectors
+from tests.harness import ROOT, free_port, kill_run, launch, online_vectors
 
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 CELERY_VENV = ROOT / "artifacts" / "peers" / "celery-venv"
@@ -135,15 +135,14 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
         "PEER_THREADS": str(max(1, pool.threads // procs)),
     }
     nice_cmd = ["nice", "-n", str(nice)]
-    redis = subprocess.Popen(
+    redis = launch(
         [*nice_cmd, "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
-        start_new_session=True,
     )
     worker = None
     try:
         _wait_port(port, redis)
-        worker = subprocess.Popen(
+        worker = launch(
             [
                 *nice_cmd,
                 str(python),
@@ -161,9 +160,8 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
                 "-n",
                 f"peer{port}@%h",
             ],
+            {**os.environ, **env},
             cwd=ROOT,
-            env={**os.environ, **env},
-            start_new_session=True,
         )
         out.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -192,6 +190,7 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
         for proc in (worker, redis):
             if proc is not None:
                 _stop(proc)
+                kill_run(proc)
 
 
 def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int, procs: int) -> dict:

@@ -31,7 +31,7 @@ import yaml
 from benchmarks import NICE, same_nice
 from loadtest import report, runner
 from loadtest.scenarios import Completions
-from tests.harness import ROOT, free_port, serve_config_on, serve_run, stop, wait_ready
+from tests.harness import ROOT, free_port, kill_run, launch, serve_config_on, serve_run, stop, wait_ready
 
 MAX_TOKENS = 64
 LEVELS = (1, 16, 32)
@@ -85,20 +85,14 @@ def vllm_server(model: dict, log_dir: Path) -> Iterator[tuple[str, int]]:
     log_path = log_dir / "vllm_server.log"
     env = {**os.environ, **engine_env(cfg)}
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            ["nice", "-n", str(NICE), *args],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = launch(["nice", "-n", str(NICE), *args], env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{url}/health", proc, log_path, timeout_s=900)  # minutes at nice 15 on a loaded machine
         yield url, proc.pid
     finally:
         stop(proc)
+        kill_run(proc)
 
 
 def rss_mib(root_pid: int | None = None, match: str | None = None) -> float:

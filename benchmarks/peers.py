@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks import NICE
 from models.loader import resolve_source
-from tests.harness import ROOT, free_port, stop, wait_ready
+from tests.harness import ROOT, free_port, kill_run, launch, stop, wait_ready
 
 VENVS = ROOT / "artifacts" / "peers"
 NAIVE = "naive FastAPI (one forward per request)"
@@ -62,14 +62,14 @@ def serve(name: str, log_dir: Path) -> Iterator[str]:
     cmd, ready = command(name, port)
     log_path = log_dir / f"peer-{name.split()[0].lower()}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(["nice", "-n", str(NICE), *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = launch(["nice", "-n", str(NICE), *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url + ready, proc, log_path)
         yield url
     finally:
         stop(proc)
+        kill_run(proc)
 
 
 if __name__ == "__main__":

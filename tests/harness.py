@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -36,6 +37,48 @@ FIXED_PORT_VARS = (
 # A test cluster shares 2 cores with others: HAProxy's default 30 s to start was seen to run out
 # under load (the HAProxyManager is then killed and Serve never starts).
 SLOW_MACHINE_ENV = {"RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120"}
+
+
+# Where a started server runs. Each session is its own Linux autogroup (sched_autogroup_enabled=1 here),
+# and the kernel shares the CPUs between autogroups, whatever the nice of the tasks inside. Tests give
+# every server a session of its own (kill_session finds what it leaves). A benchmark cannot: a load
+# generator in one autogroup and a Ray cluster (~25 processes) in another waited 20.4 s of 30 s for a
+# CPU while needing 0.7 s (its /proc schedstat; against vLLM's server, in a session of its own too:
+# 0.4 s), and read every stream's chunks seconds after the replica sent them. So a benchmark
+# (benchmarks.same_nice sets SAME_SESSION) starts everything in the benchmark's own session: servers,
+# peers and load generator then share the CPUs task by task, at one nice. RUN_MARK finds what it left.
+SAME_SESSION = "RAYINFER_BENCH_SAME_SESSION"
+RUN_MARK = "RAYINFER_RUN_MARK"  # in a started command's environment: every process it starts inherits it
+
+
+_MARKS: dict[int, bytes] = {}  # launched pid -> its RUN_MARK, as it reads in /proc/PID/environ
+
+
+def launch(args: list[str], env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """Start a server or cluster command in a process group of its own: in a session of its own too,
+    unless SAME_SESSION is set (a benchmark). `kill_run` finds whatever it started."""
+    own_session = not os.environ.get(SAME_SESSION)
+    mark = secrets.token_hex(8)
+    proc = subprocess.Popen(
+        args,
+        env={**(os.environ if env is None else env), RUN_MARK: mark},
+        start_new_session=own_session,
+        process_group=None if own_session else 0,
+        **popen,
+    )
+    _MARKS[proc.pid] = f"{RUN_MARK}={mark}".encode()
+    return proc
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL to whatever `launch` started for `proc` and is left: its group, its session if it had
+    one, and every process carrying its RUN_MARK (Ray's workers and Serve's HAProxy leave the group)."""
+    kill_session(proc.pid)
+    mark = _MARKS.pop(proc.pid, None)
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()) if mark else ():
+        with contextlib.suppress(OSError):
+            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                os.kill(pid, signal.SIGKILL)
 
 
 def serve_env() -> dict[str, str]:
@@ -97,13 +140,8 @@ def serve_run_process(
     # RAY_ADDRESS=local: a new cluster, never someone else's running one.
     full_env = {**os.environ, "RAY_ADDRESS": "local", **serve_env(), **(env or {})}
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "serve"), "run", str(config_path)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        proc = launch(
+            [str(BIN / "serve"), "run", str(config_path)], full_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
@@ -113,7 +151,7 @@ def serve_run_process(
         stop(proc)
         # Whatever of that cluster outlived `serve run`, and nothing else: `ray stop` would kill
         # every Ray cluster on the machine.
-        kill_session(proc.pid)
+        kill_run(proc)
 
 
 def kill_session(sid: int) -> None:
