@@ -73,12 +73,7 @@ def launch(args: list[str], env: dict[str, str] | None = None, **popen: Any) -> 
 def kill_run(proc: subprocess.Popen) -> None:
     """SIGKILL to whatever `launch` started for `proc` and is left: its group, its session if it had
     one, and every process carrying its RUN_MARK (Ray's workers and Serve's HAProxy leave the group)."""
-    kill_session(proc.pid)
-    mark = _MARKS.pop(proc.pid, None)
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()) if mark else ():
-        with contextlib.suppress(OSError):
-            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                os.kill(pid, signal.SIGKILL)
+    kill_session(proc.pid, _MARKS.pop(proc.pid, None))
 
 
 def serve_env() -> dict[str, str]:
@@ -154,15 +149,16 @@ def serve_run_process(
         kill_run(proc)
 
 
-def kill_session(sid: int) -> None:
+def kill_session(sid: int, mark: bytes | None = None) -> None:
     """SIGKILL to every process left in the session a `start_new_session` child began: its process
     group, and what moved to groups of its own (Serve's HAProxy: left running after a SIGKILL of the
-    group, it kept its ports and memory)."""
+    group, it kept its ports and memory); with `mark` (`NAME=value`), also every process whose
+    environment has it, in whatever session."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(sid, signal.SIGKILL)
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getsid(pid) == sid:
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            if os.getsid(pid) == sid or (mark and mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
                 os.kill(pid, signal.SIGKILL)
 
 
