@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from app.core.deadline import REPLICA_DRAIN_S
 from app.core.metrics import RAY_SERVE_LATENCY_BUCKETS_MS
 
 # `rayinfer-haproxy`, installed beside this Python by `pip install` (pyproject.toml's scripts).
@@ -23,6 +24,10 @@ SERVE_ENV: dict[str, str] = {
     # the excess itself, 503 + Retry-After within a bounded queue time (app/haproxy.py; its bounds
     # come from RAYINFER_HAPROXY_MAXCONN, _QUEUE, _QUEUE_TIMEOUT_MS and _RETRY_AFTER_S when set).
     "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
+    # A reload (every replica change) leaves the old HAProxy finishing the requests it holds, for at
+    # most this long (Ray's default 120 s): as long as a stopping replica drains (REPLICA_DRAIN_S), or a
+    # long generation through a reloaded HAProxy is cut while its replica would have finished it.
+    "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(int(REPLICA_DRAIN_S)),
     # Ray's own request-latency histograms with buckets dense enough for a p99 (app/core/metrics.py).
     "RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS": RAY_SERVE_LATENCY_BUCKETS_MS,
 }

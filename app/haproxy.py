@@ -19,7 +19,11 @@ backend of the config Serve wrote:
   `Retry-After` and the error body of the path's protocol (OpenAI's, OIP's under /v2), or gRPC's
   UNAVAILABLE with `grpc-retry-pushback-ms`. The time to a 503 never grows with the replica's backlog.
 
-and then execs the real HAProxy with the same arguments (same pid, so Serve manages it as before).
+While the config has no application backend at all (a new HAProxy's first config, before Serve sends
+it the routes: about a second after Serve replaces a dead HAProxy), Ray's catch-all backends answer
+503 + Retry-After (gRPC: UNAVAILABLE) instead of 404 "Path not found", which clients do not retry.
+
+It then execs the real HAProxy with the same arguments (same pid, so Serve manages it as before).
 If the config is not what this expects, it says so on stderr (Serve's HAProxy log) and runs HAProxy
 unchanged: a Ray upgrade can lose the shedding, never the service (tests/unit/test_haproxy.py renders
 Ray's own template to catch that first).
@@ -37,7 +41,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from app.core.errors import ERROR_TABLE, ErrorKind, Overloaded
+from app.core.errors import ERROR_TABLE, ErrorKind, ModelNotReady, Overloaded
 from app.oip.rest import errors as oip_errors
 from app.openai import errors as openai_errors
 
@@ -76,8 +80,10 @@ def shed_message(s: Shedding) -> str:
     )
 
 
-def _body(fmt: Callable[[str, ErrorKind, str | None], dict], message: str) -> str:
-    text = json.dumps(fmt(message, ERROR_TABLE[Overloaded], None))
+def _body(
+    fmt: Callable[[str, ErrorKind, str | None], dict], message: str, kind: ErrorKind = ERROR_TABLE[Overloaded]
+) -> str:
+    text = json.dumps(fmt(message, kind, None))
     # HAProxy's single-quoted log-format strings: no escapes inside, and % starts a format tag.
     assert "'" not in text and "%" not in text, text
     return text
@@ -122,6 +128,38 @@ def _grpc_rules(s: Shedding) -> list[str]:
     ]
 
 
+def unrouted_message(s: Shedding) -> str:
+    return f"not ready: no application is routed here yet (the proxy is starting); retry after {s.retry_after_s} s"
+
+
+def _unrouted_rules(name: str, s: Shedding) -> list[str] | None:
+    """What Ray's catch-all backends answer while HAProxy has no application's routes (its first config,
+    before Serve sends them): 503 + Retry-After (gRPC: UNAVAILABLE + grpc-retry-pushback-ms) instead of
+    Ray's 404 "Path not found" / NOT_FOUND, which a client reads as "no such model" and never retries.
+    None for any other backend."""
+    message = unrouted_message(s)
+    kind = ERROR_TABLE[ModelNotReady]
+    note = f"    {MARK} no application routed yet: 503 + Retry-After, not 404 (app/haproxy.py)"
+    if name == "default_backend":
+        reply = f'content-type application/json hdr Retry-After {s.retry_after_s} lf-string "%[var(txn.rayinfer_shed)]"'
+        return [
+            note,
+            f"    http-request set-var-fmt(txn.rayinfer_shed) '{_body(openai_errors.error_body, message, kind)}'",
+            f"    http-request set-var-fmt(txn.rayinfer_shed) '{_body(oip_errors.error_body, message, kind)}' "
+            f"if {{ path {OIP_PREFIX} }} or {{ path_beg {OIP_PREFIX}/ }}",
+            f"    http-request return status 503 {reply}",
+        ]
+    if name == "default_grpc_backend":
+        return [
+            "    mode http",
+            "    log global",
+            note,
+            "    http-request return status 200 content-type application/grpc hdr grpc-status 14 "
+            f'hdr grpc-message "{message.replace(";", ",")}" hdr grpc-retry-pushback-ms {s.retry_after_s * 1000}',
+        ]
+    return None
+
+
 def _sections(lines: list[str]) -> list[tuple[int, int]]:
     """(first, end) line ranges of the config's sections: a keyword at column 0 starts one."""
     starts = [i for i, line in enumerate(lines) if line.strip() and not line[0].isspace() and not line.startswith("#")]
@@ -164,7 +202,19 @@ def shed_config(text: str, s: Shedding) -> str:
         changed += 1
     if not changed and re.search(r"^backend (http|grpc)-", text, flags=re.M):
         raise ValueError("found application backends but none with a default-server line to bound")
+    if not changed:
+        out = _unrouted(out, s)
     return "\n".join(out) + "\n"
+
+
+def _unrouted(lines: list[str], s: Shedding) -> list[str]:
+    """A config with no application backend: its catch-all backends answer 503, not 404."""
+    out = []
+    for first, end in _sections(lines):
+        words = lines[first].split()
+        rules = _unrouted_rules(words[1], s) if words[0] == "backend" and len(words) == 2 else None
+        out += [lines[first], *rules, ""] if rules is not None else lines[first:end]
+    return out
 
 
 def _config_path(args: list[str]) -> str | None:

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig, ModelConfig
+from app.core.deadline import REPLICA_DRAIN_S
 from app.core.guard import InflightGate, load_api_keys
 from app.core.registry import ModelRegistry
 from app.http import health
@@ -72,7 +73,9 @@ def _local_embedder(cfg: ModelConfig) -> LocalEmbedder:
     return LocalEmbedder(cfg)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512, graceful_shutdown_timeout_s=REPLICA_DRAIN_S
+)
 @serve.ingress()
 class Ingress(GRPCInferenceServicer):
     def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]):

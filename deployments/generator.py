@@ -21,7 +21,7 @@ from typing import Any
 from ray import serve
 
 from app.config import ModelConfig
-from app.core.deadline import exceeded, expired
+from app.core.deadline import REPLICA_DRAIN_S, exceeded, expired
 from app.core.errors import InputTooLong, InvalidInput, RayInferError, ReplicaLost
 from deployments.engine_stats import EngineStats
 from deployments.types import GenerateChunk, GenerateJob, ModelInfo, TokenLogprob
@@ -35,7 +35,13 @@ IDLE_PROBE_AFTER_S = 5.0  # check_health runs a real one-token generation when t
 
 # max_ongoing_requests comes from the model config (app/main.py: enough for a full batch and the next).
 # The health check may generate a token on a busy machine: a minute before Serve gives up on it.
-@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10, health_check_timeout_s=60)
+# A stopping replica finishes the generations it holds (REPLICA_DRAIN_S).
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+    graceful_shutdown_timeout_s=REPLICA_DRAIN_S,
+)
 class Generator:
     """Completions on vLLM; streams chunks or returns whole choices."""
 

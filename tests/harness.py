@@ -162,6 +162,18 @@ def kill_session(sid: int, mark: bytes | None = None) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def session_processes(sid: int, program: str) -> list[int]:
+    """The pids in session `sid` running `program` (its executable's base name): found by the session,
+    never by name alone, since other clusters run on this machine."""
+    pids = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            if os.getsid(pid) == sid and Path(os.fsdecode(argv0)).name == program:
+                pids.append(pid)
+    return pids
+
+
 def dashboard_of(proc: subprocess.Popen) -> str:
     """The URL of the Ray dashboard that `proc` (`serve run`) started: 8265 unless another cluster
     on the machine had it. Found by the process, never by port number or log text."""
@@ -261,7 +273,9 @@ def serve_deploy(config: dict, head: RayHead, path: Path) -> None:
         check=True,
         env={**os.environ, **head.env},
         capture_output=True,
-        timeout=120,
+        # The dashboard applies the config with a blocking call to the controller: a run under load (an
+        # update's new vLLM engine starting) saw the CLI take over 120 s.
+        timeout=600,
     )
 
 

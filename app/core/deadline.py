@@ -20,6 +20,13 @@ from app.core.errors import DeadlineExceeded
 
 TIMEOUT_HEADER = b"x-request-timeout-seconds"  # Serve's own header (ray.serve._private.constants)
 
+# How long a stopping Ingress or Generator replica (a rolling update, a scale-down) finishes the
+# requests it holds before Serve kills it: their `graceful_shutdown_timeout_s`. Serve's 20 s (30 s for
+# an ingress behind HAProxy) cut completions that ran longer while a new vLLM engine started beside
+# the old one (CI: 107 s and 124 s). An idle replica stops at once; a longer generation than this is
+# cut: raise it per deployment in serve_config.yaml.
+REPLICA_DRAIN_S = 300.0
+
 # The current request's deadline, set by the entry point, read by the registry when it builds a job.
 CURRENT: ContextVar[float | None] = ContextVar("rayinfer_deadline", default=None)
 

@@ -19,7 +19,7 @@ import pytest
 from ray._common.test_utils import wait_for_condition
 
 from tests.e2e.test_operations import APP, Cluster, Load
-from tests.harness import BIN, kill_session, ray_head, serve_config_on, wait_for_http
+from tests.harness import BIN, kill_session, ray_head, serve_config_on, session_processes, wait_for_http
 from tests.helpers import ROOT, free_port
 
 pytestmark = [
@@ -50,14 +50,11 @@ def _pong(port: int) -> bool:
 
 
 def gcs_process(session: int) -> int:
-    """The pid of the cluster's gcs_server (found by its session, never by name alone: other clusters run here)."""
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        with contextlib.suppress(OSError):
-            if os.getsid(pid) == session and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(
-                b"gcs_server"
-            ):
-                return pid
-    raise LookupError("no gcs_server in the cluster's session")
+    """The pid of the cluster's gcs_server."""
+    pids = session_processes(session, "gcs_server")
+    if not pids:
+        raise LookupError("no gcs_server in the cluster's session")
+    return pids[0]
 
 
 def serve_status(cluster: Cluster) -> str:

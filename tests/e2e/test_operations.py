@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import openai
 import pytest
 from ray._common.test_utils import wait_for_condition
 
-from tests.harness import RayHead, ray_head, serve_deploy
+from tests.harness import RayHead, ray_head, serve_deploy, session_processes
 from tests.helpers import MODEL, free_port, serve_config_on
 
 # A module's first test starts its cluster, a vLLM engine among it: minutes on a loaded 2-core machine.
@@ -29,6 +30,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 APP = "rayinfer"
 LM = "SmolLM2-135M-Instruct"
 EMBEDDER, GENERATOR = f"Embedder-{MODEL}", f"Generator-{LM}"
+# The `embed_retrying` load's openai client: its backoff (0.5 s doubling to 8 s, jittered) over 20
+# retries waits at least 100 s in all, longer than Serve takes to replace a killed HAProxy (29 s measured).
+OPENAI_RETRIES = 20
+FAILED_BACKOFF_S = 0.2
+CONNECTION_ERRORS = {"ConnectError", "ReadError", "RemoteProtocolError", "WriteError"}  # httpx's
 
 
 def base_config() -> dict:
@@ -114,27 +120,43 @@ class Load:
         return [o for o in self.outcomes if o.start < t < o.end and kind in (None, o.kind)]
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=360) as client:
-            await asyncio.gather(*(self._worker(client, kind, i) for kind, n in self.workers.items() for i in range(n)))
+        # The official client as a user would configure it to ride out a restart of the first hop:
+        # its own retries (connection errors, 5xx, honouring Retry-After) with its own backoff.
+        retrying = openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key="none", max_retries=OPENAI_RETRIES, timeout=360
+        )
+        async with httpx.AsyncClient(base_url=self.url, timeout=360) as client, retrying:
+            await asyncio.gather(
+                *(self._worker(client, retrying, kind, i) for kind, n in self.workers.items() for i in range(n))
+            )
 
-    async def _worker(self, client: httpx.AsyncClient, kind: str, worker: int) -> None:
-        send = {"embed": _embed, "complete": _complete, "stream": _stream}[kind]
+    async def _worker(self, client: httpx.AsyncClient, retrying: openai.AsyncOpenAI, kind: str, worker: int) -> None:
         i = 0
         while not self._stop.is_set():
-            start = time.monotonic()
+            start, text = time.monotonic(), f"worker {worker} request {i}"
             try:
-                ok, detail = await send(client, f"worker {worker} request {i}")
+                if kind == "embed_retrying":
+                    ok, detail = await _embed_retrying(retrying, text)
+                else:
+                    ok, detail = await {"embed": _embed, "complete": _complete, "stream": _stream}[kind](client, text)
             except Exception as exc:  # any exception is a failed request (a bad body, a JSON error, ...)
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
             with self._done:
                 self.outcomes.append(Outcome(kind, start, time.monotonic(), ok, detail))
                 self._done.notify_all()
             i += 1
+            if not ok:  # back off as a client does: a refused connection fails in microseconds
+                await asyncio.sleep(FAILED_BACKOFF_S)
 
 
 async def _embed(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
     r = await client.post("/v1/embeddings", json={"model": MODEL, "input": [text] * 4})
     return r.status_code == 200 and len(r.json()["data"]) == 4, f"{r.status_code} {r.text[:300]}"
+
+
+async def _embed_retrying(client: openai.AsyncOpenAI, text: str) -> tuple[bool, str]:
+    r = await client.embeddings.create(model=MODEL, input=[text] * 4)
+    return len(r.data) == 4, f"{len(r.data)} vectors"
 
 
 async def _complete(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
@@ -283,6 +305,77 @@ def test_a_sigkilled_model_replica_loses_no_request_and_readyz_says_so_meanwhile
     assert all(hit), "the kills hit requests in flight"
     assert embedder_pid not in {r["pid"] for r in cluster.replicas(EMBEDDER)}
     assert generator_pid not in {r["pid"] for r in cluster.replicas(GENERATOR)}
+
+
+def two_ingresses(base: dict) -> dict:
+    """The updated config (the module's tests after the update start from it: no engine restarts) with
+    two ingress replicas, so that one can die while the other answers."""
+    config = updated(base)
+    deployment(config, "Ingress")["num_replicas"] = 2
+    return config
+
+
+def _retriable(o: Outcome) -> bool:
+    """A failure a client can tell it may retry: a cut or refused connection, or 502/503 (HAProxy's own,
+    or the app's with Retry-After), never a 500 or a 404."""
+    return o.detail.split(":")[0] in CONNECTION_ERRORS or o.detail[:4] in ("502 ", "503 ")
+
+
+def _report(what: str, load: Load, **extra: object) -> list[Outcome]:
+    failed = load.failures()
+    kinds = {
+        kind: (sum(o.kind == kind for o in load.outcomes), sum(o.kind == kind for o in failed)) for kind in load.workers
+    }
+    print(f"{what}: {extra} requests (failed) by kind: {kinds}; failures: {sorted({o.detail[:70] for o in failed})}")
+    return failed
+
+
+def test_a_sigkilled_ingress_replica_fails_no_retrying_clients_embedding(cluster, base, url):
+    """One of two ingress replicas SIGKILLed under load. HAProxy runs an embedding whose replica died
+    before answering again on the other one (app/haproxy.py `retry-on empty-response`) and retries at
+    connect what it sends to the dead one, but a response cut mid-body, or a keep-alive connection that
+    the reload after the death closes as the client sends on it, reaches the client: a client retrying
+    idempotent requests (the openai package's own retries) loses no embedding; every other failure is
+    one a client can tell is retriable; generation in flight on the killed replica is not re-run unseen."""
+    replicas = {"Ingress": 2, EMBEDDER: 2, GENERATOR: 1}
+    deployed(cluster, two_ingresses(base), **replicas)
+    with Load(url, embed=2, embed_retrying=4, complete=1, stream=1) as load:
+        load.wait_for(20)
+        pid, killed = _kill(cluster, "Ingress")
+        wait_for_condition(
+            lambda: cluster.settled(**replicas) and pid not in {r["pid"] for r in cluster.replicas("Ingress")},
+            timeout=300,
+            retry_interval_ms=500,
+        )
+        load.wait_for(20)
+    hit = [o for o in load.spanning(killed) if o.kind.startswith("embed")]
+    failed = _report("ingress SIGKILL", load, embeddings_in_flight=len(hit))
+    assert hit, "the kill hit embeddings in flight"
+    assert not [o for o in failed if o.kind == "embed_retrying"], failed[:5]
+    assert all(_retriable(o) for o in failed), failed[:5]
+
+
+def test_a_killed_haproxy_is_replaced_and_a_retrying_client_loses_no_embedding(cluster, base, url):
+    """SIGKILL to HAProxy (every HAProxy process of the cluster): the connections it held are cut and
+    its port refuses until Serve's proxy health check (every 10 s, 3 failures) finds it dead and starts
+    another, whose first config has no routes yet (503, app/haproxy.py). A client retrying idempotent
+    requests (the openai package, `max_retries`) loses no embedding; every other failure is retriable."""
+    replicas = {"Ingress": 2, EMBEDDER: 2, GENERATOR: 1}
+    deployed(cluster, two_ingresses(base), **replicas)
+    with Load(url, embed=2, embed_retrying=2, complete=1) as load:
+        load.wait_for(20)
+        old = session_processes(cluster.head.session, "haproxy")
+        assert old, "no HAProxy in the cluster's session"
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for_condition(lambda: any(o.ok and o.start > killed for o in load.outcomes), timeout=300)
+        back = min(o.end for o in load.outcomes if o.ok and o.start > killed)
+        load.wait_for(20)
+    assert not set(old) & set(session_processes(cluster.head.session, "haproxy")), "HAProxy was not replaced"
+    failed = _report("HAProxy SIGKILL", load, served_again_after_s=round(back - killed, 1))
+    assert not [o for o in failed if o.kind == "embed_retrying"], failed[:5]
+    assert all(_retriable(o) for o in failed), failed[:5]
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(cluster, base, url):

@@ -10,6 +10,7 @@ import yaml
 from ray.serve._private.build_app import build_app as serve_build
 from ray.serve.deployment import Deployment
 
+from app.core.deadline import REPLICA_DRAIN_S
 from app.ingress import Ingress
 from app.main import build_app
 from deployments.embedder import Embedder
@@ -50,6 +51,7 @@ def effective(app_config: dict) -> dict[str, dict[str, Any]]:
             "max_ongoing_requests": cfg.max_ongoing_requests,
             "max_queued_requests": cfg.max_queued_requests,
             "health_check_period_s": cfg.health_check_period_s,
+            "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
             "ray_actor_options": dict(d.ray_actor_options or {}),
         }
         options.update({k: v for k, v in overrides.get(name, {}).items() if k != "name"})
@@ -97,6 +99,17 @@ def test_every_deployment_bounds_its_queue_and_says_when_to_retry(path):
     for name, options in effective(_app_config(path)).items():
         assert options["max_queued_requests"] > 0, (path, name)
         assert options.get("backpressure_config", {}).get("retry_after_s", 0) >= 1, (path, name)
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.pipeline.yaml", "serve_config.gpu.yaml"])
+def test_a_stopping_ingress_or_generator_finishes_its_requests(path):
+    """README Operating: a rolling update or scale-down kills an Ingress or Generator replica only after
+    REPLICA_DRAIN_S (Serve's 20 s default cut completions a loaded machine ran for minutes)."""
+    got = effective(_app_config(path))
+    drained = [n for n in got if n == "Ingress" or n.startswith("Generator-")]
+    assert "Ingress" in drained, got
+    for name in drained:
+        assert got[name]["graceful_shutdown_timeout_s"] >= REPLICA_DRAIN_S, (path, name)
 
 
 def test_what_each_deployment_of_the_shipped_config_gets():

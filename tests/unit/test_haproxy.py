@@ -16,7 +16,7 @@ from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig,
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from app import haproxy
-from app.core.errors import ERROR_TABLE, Overloaded
+from app.core.errors import ERROR_TABLE, ModelNotReady, Overloaded
 from app.environment import SERVE_ENV
 from app.haproxy import Shedding, shed_config
 from app.ingress import error_bodies
@@ -26,9 +26,12 @@ from tests.helpers import free_port
 SHED = Shedding(maxconn=7, queue=5, queue_timeout_ms=300, retry_after_s=2)
 
 
-def ray_config(tmp_path: Path, servers: int = 2, prefix: str = "/", port: int | None = None) -> str:
+def ray_config(
+    tmp_path: Path, servers: int = 2, prefix: str = "/", port: int | None = None, routed: bool = True
+) -> str:
     """What Serve's HAProxyManager writes for one application served over HTTP and gRPC (replicas on
-    127.0.0.1 ports 30000.., the head's Serve proxy as fallback), rendered by Ray's own code."""
+    127.0.0.1 ports 30000.., the head's Serve proxy as fallback), rendered by Ray's own code; with
+    `routed` False, what a new HAProxy starts from before Serve sends it any application."""
     grpc = gRPCOptions(port=free_port(), grpc_servicer_functions=["app.oip.grpc.grpc_predict_v2_pb2_grpc.x"])
     cfg = HAProxyConfig(
         http_options=HTTPOptions(host="127.0.0.1", port=port or free_port()),
@@ -42,6 +45,9 @@ def ray_config(tmp_path: Path, servers: int = 2, prefix: str = "/", port: int | 
         stats_port=free_port(),
     )
     api = HAProxyApi(cfg, config_file_path=str(tmp_path / "haproxy.cfg"))
+    if not routed:
+        api._generate_config_file_internal()
+        return Path(api.config_file_path).read_text()
     replicas = [ServerConfig(f"SERVE_REPLICA--rayinfer-Ingress-{i}", "127.0.0.1", 30000 + i) for i in range(servers)]
     fallback = ServerConfig("SERVE_PROXY_ACTOR-head", "127.0.0.1", 8500)
     api.set_backend_configs(
@@ -144,11 +150,32 @@ def test_settings_come_from_the_environment_and_are_checked():
         Shedding.from_env({"RAYINFER_HAPROXY_QUEUE": "0"})
 
 
-def test_a_config_without_application_backends_passes_unchanged(tmp_path):
+def test_application_backends_without_replicas_are_bounded_and_a_config_without_any_passes(tmp_path):
     text = ray_config(tmp_path, servers=0)
     assert shed_config(text, SHED).count("maxconn 7") == 2  # the backends exist before their replicas do
     empty = "global\n    maxconn 10\ndefaults\n    mode http\n"
     assert shed_config(empty, SHED) == empty
+
+
+def test_before_any_application_is_routed_the_catch_alls_answer_503_not_404(tmp_path):
+    """A new HAProxy (Serve replacing a dead one) starts from a config without applications for about a
+    second: a client sent there gets a retriable 503 / UNAVAILABLE, not "Path not found"."""
+    text = ray_config(tmp_path, routed=False)
+    assert "return status 404" in "\n".join(section(text, "default_backend"))  # Ray's own answer
+    shed = shed_config(text, SHED)
+    http, grpc = section(shed, "default_backend"), section(shed, "default_grpc_backend")
+    assert not any("status 404" in line or "grpc-status 5 " in line for line in http + grpc), http + grpc
+    openai_rule, oip_rule = [line for line in http if "set-var-fmt(txn.rayinfer_shed)" in line]
+    bodies, message, kind = error_bodies(), haproxy.unrouted_message(SHED), ERROR_TABLE[ModelNotReady]
+    for rule, path in ((openai_rule, "/v1/embeddings"), (oip_rule, "/v2/models/m/infer")):
+        assert json.loads(re.search(r"'(.*)'", rule).group(1)) == bodies.body(path, message, kind)
+    assert any("return status 503" in line and "hdr Retry-After 2" in line for line in http), http
+    assert any("grpc-status 14" in line and "grpc-retry-pushback-ms 2000" in line for line in grpc), grpc
+    assert shed_config(shed, SHED) == shed, "a second pass changes nothing"
+    (tmp_path / "ray.cfg").write_text(text)
+    (tmp_path / "shed.cfg").write_text(shed)
+    code, warnings = haproxy_check(tmp_path / "shed.cfg")
+    assert code == 0 and warnings == haproxy_check(tmp_path / "ray.cfg")[1], warnings
 
 
 def test_the_wrapper_bounds_the_config_in_place_then_runs_the_real_haproxy(tmp_path):
