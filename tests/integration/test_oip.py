@@ -267,3 +267,17 @@ def test_grpc_deadline_is_the_servers_answer_and_stops_the_generation(grpc_stub,
     after = generator.stats.remote().result()
     assert expired_jobs(after) == expired_jobs(before) + 1, (before, after)
     assert after["tokens"] - before["tokens"] < 480, f"{after['tokens'] - before['tokens']} tokens past the deadline"
+
+
+def test_grpcs_own_deadline_stops_the_generation(grpc_stub, generator):
+    """A client's own gRPC deadline (`grpc-timeout`, what `timeout=` sends) without the metadata: Serve
+    does not pass its time remaining on (app/oip/grpc/servicer.py `call_deadline`), but the call is
+    cancelled when it passes, and with it the job in the Generator: its tokens stop."""
+    params = {"max_tokens": 480, "temperature": 0.7, "seed": 6, "ignore_eos": True}  # 480 tokens if let run
+    before = generator.stats.remote().result()
+    with pytest.raises(grpc.RpcError) as e:
+        grpc_stub.ModelInfer(grpc_request(LM, ["Serving models online is"], **params), timeout=1.0)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+    wait_for_condition(lambda: generator.stats.remote().result()["unfinished"] == 0, timeout=30, retry_interval_ms=50)
+    after = generator.stats.remote().result()
+    assert after["tokens"] - before["tokens"] < 480, f"{after['tokens'] - before['tokens']} tokens past the deadline"
