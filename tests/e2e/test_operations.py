@@ -1,6 +1,8 @@
 """Operating rayinfer on a long-lived cluster (`ray start --head`, then `serve deploy`), under
 steady traffic: a rolling update fails no request, a SIGKILLed model replica loses none,
-/readyz goes false while a model has no replica and back, autoscaling goes up and down.
+/readyz goes false while a model has no replica and back, a SIGKILLed ingress replica or HAProxy
+costs a retrying client no embedding and anyone else only retriable failures, autoscaling goes up
+and down.
 
 One cluster for the module; each test deploys the config it starts from (a no-op when the cluster
 already runs it) and waits until it is settled, so none depends on another's side effects or order.
