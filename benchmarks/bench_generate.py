@@ -31,7 +31,7 @@ import yaml
 from benchmarks import NICE, same_nice
 from loadtest import report, runner
 from loadtest.scenarios import Completions
-from tests.harness import ROOT, free_port, kill_run, launch, serve_config_on, serve_run, stop, wait_ready
+from tests.harness import ROOT, end, free_port, launch, serve_config_on, serve_run, wait_ready
 
 MAX_TOKENS = 64
 LEVELS = (1, 16, 32)
@@ -91,8 +91,7 @@ def vllm_server(model: dict, log_dir: Path) -> Iterator[tuple[str, int]]:
         wait_ready(f"{url}/health", proc, log_path, timeout_s=900)  # minutes at nice 15 on a loaded machine
         yield url, proc.pid
     finally:
-        stop(proc)
-        kill_run(proc)
+        end(proc)
 
 
 def rss_mib(root_pid: int | None = None, match: str | None = None) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks import NICE
 from models.loader import resolve_source
-from tests.harness import ROOT, free_port, kill_run, launch, stop, wait_ready
+from tests.harness import ROOT, end, free_port, launch, wait_ready
 
 VENVS = ROOT / "artifacts" / "peers"
 NAIVE = "naive FastAPI (one forward per request)"
@@ -68,8 +68,7 @@ def serve(name: str, log_dir: Path) -> Iterator[str]:
         wait_ready(url + ready, proc, log_path)
         yield url
     finally:
-        stop(proc)
-        kill_run(proc)
+        end(proc)
 
 
 if __name__ == "__main__":

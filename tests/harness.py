@@ -76,6 +76,12 @@ def kill_run(proc: subprocess.Popen) -> None:
     kill_session(proc.pid, _MARKS.pop(proc.pid, None))
 
 
+def end(proc: subprocess.Popen) -> None:
+    """Stop what `launch` started as Ctrl-C would (`stop`), then kill whatever of it is left (`kill_run`)."""
+    stop(proc)
+    kill_run(proc)
+
+
 def serve_env() -> dict[str, str]:
     """The serving environment (app/environment.py), with free ports for what would otherwise bind fixed ones."""
     return {**SERVE_ENV, **SLOW_MACHINE_ENV, **{name: str(free_port()) for name in FIXED_PORT_VARS}}
@@ -143,10 +149,9 @@ def serve_run_process(
         wait_ready(f"{url}/readyz", proc, log_path, ready_timeout_s)
         yield url, proc
     finally:
-        stop(proc)
-        # Whatever of that cluster outlived `serve run`, and nothing else: `ray stop` would kill
+        # Then whatever of that cluster outlived `serve run`, and nothing else: `ray stop` would kill
         # every Ray cluster on the machine.
-        kill_run(proc)
+        end(proc)
 
 
 def kill_session(sid: int, mark: bytes | None = None) -> None:
