@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve status test test-unit test-service test-batch lint bench soak clean protos kuberay tools
+.PHONY: setup serve status test test-unit test-service test-ops test-batch lint bench soak clean protos kuberay tools
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -51,16 +51,17 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Three pytest runs: the end-to-end tests start their own `serve run` cluster, which must
-# not share a machine-wide Ray session with the integration tests' cluster; the batch tests
-# (python -m batch) their own Ray Data cluster. The service tests
-# (marked `service`) are `make test-service`: seven `make serve` starts and stops and two Ray heads,
-# about 8.5 min on a quiet 2-core machine, beyond make test's budget.
+# Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
+# not share a machine-wide Ray session with the integration tests' cluster. Beyond make test's
+# 20-minute budget, each its own target that .ci/run also calls: the service tests (marked `service`,
+# `make test-service`: seven `make serve` starts and stops and two Ray heads, ~9 min), the operations
+# tests (marked `ops`, `make test-ops`: rolling update, SIGKILLs and the GCS kill under load, ~13 min)
+# and the batch tests (`make test-batch`: python -m batch on its own Ray Data cluster, ~7 min).
 # Nothing skips silently: a missing Prometheus stops here (tests/integration/test_prometheus.py needs it),
 # and -rs prints every skip's reason (only the `gpu` tests skip, without CUDA).
 test: setup lint tools
 	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu
-	$(PY) -m pytest -q -rs -m "not service" tests/e2e
+	$(PY) -m pytest -q -rs -m "not service and not ops" tests/e2e
 
 # python -m batch on its own Ray cluster (tests/batch; README "Offline batch inference"): 12 tests,
 # ~7 min quiet, beyond make test's budget; .ci/run runs it after make test.
@@ -71,6 +72,11 @@ test-batch: setup
 # signal to every process of it, a crash, leftovers, a foreign port holder; the systemd unit's command.
 test-service: setup
 	$(PY) -m pytest -q -rs -m service tests/e2e
+
+# Operations under load (tests/e2e/test_operations.py, test_head_node.py; README "Reliability"): serve deploy's
+# rolling update, SIGKILLed model and ingress replicas and HAProxy, autoscaling, the GCS killed and restarted.
+test-ops: setup
+	$(PY) -m pytest -q -rs -m ops tests/e2e
 
 tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \

@@ -24,6 +24,7 @@ from tests.helpers import ROOT, free_port
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.ops,
     pytest.mark.timeout(1500),
 ]
 

@@ -28,7 +28,7 @@ from tests.harness import RayHead, ray_head, serve_deploy, session_processes
 from tests.helpers import MODEL, free_port, serve_config_on
 
 # A module's first test starts its cluster, a vLLM engine among it: minutes on a loaded 2-core machine.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.ops, pytest.mark.timeout(1200)]
 APP = "rayinfer"
 LM = "SmolLM2-135M-Instruct"
 EMBEDDER, GENERATOR = f"Embedder-{MODEL}", f"Generator-{LM}"
