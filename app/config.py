@@ -118,7 +118,8 @@ class ModelConfig(BaseModel):
         ge=1,
         le=256,
         description=(
-            "Compute threads of the replica (shared by its concurrent batches); default: the CPUs Ray assigned it."
+            "Compute threads of the replica (shared by its concurrent batches; generate: vLLM's OMP_NUM_THREADS); "
+            "default: the CPUs Ray assigned it."
         ),
     )
     runtime: Literal["torch", "onnx"] = Field(

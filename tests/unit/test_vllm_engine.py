@@ -11,8 +11,9 @@ from vllm.sampling_params import RequestOutputKind
 
 from app.config import AppConfig, ModelConfig
 from app.main import build_app, placement
+from models.loader import resolve_source
 from models.params import SamplingParams
-from models.vllm_engine import engine_env, engine_kwargs, to_vllm
+from models.vllm_engine import UNIPROC_EXECUTOR, engine_env, engine_kwargs, to_vllm
 from tests.helpers import SERVE_CONFIG
 
 GPU_CONFIG = SERVE_CONFIG.with_name("serve_config.gpu.yaml")
@@ -37,9 +38,24 @@ def test_the_default_model_runs_as_configured_on_one_process():
         "enforce_eager": True,
     }
     assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (1, 1)
-    assert "distributed_executor_backend" not in kwargs
+    # The model computes in the engine core process: no worker process, no busy-poll. Its threads are
+    # OMP_NUM_THREADS, which Ray sets from the replica's num_cpus, and `num_threads` overrides.
+    assert kwargs["distributed_executor_backend"] == UNIPROC_EXECUTOR
     assert engine_env(cfg) == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert engine_env(cfg.model_copy(update={"num_threads": 2}))["OMP_NUM_THREADS"] == "2"
     AsyncEngineArgs(**kwargs)  # every argument is one vLLM knows
+
+
+def test_the_cpu_platform_keeps_the_in_process_executor():
+    """vLLM's CPU platform turns the name "uni" into "mp"; the class path survives its config checks."""
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    cfg = model(SERVE_CONFIG, "SmolLM2-135M-Instruct")
+    uni = AsyncEngineArgs(**{**engine_kwargs(cfg, resolve_source(cfg.source)), "distributed_executor_backend": "uni"})
+    assert Executor.get_class(uni.create_engine_config()) is not UniProcExecutor
+    ours = AsyncEngineArgs(**engine_kwargs(cfg, resolve_source(cfg.source)))
+    assert Executor.get_class(ours.create_engine_config()) is UniProcExecutor
 
 
 def test_llama_70b_is_split_by_vllm_on_ray_across_eight_gpus():
