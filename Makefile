@@ -55,7 +55,7 @@ lint: setup
 # not share a machine-wide Ray session with the integration tests' cluster. Beyond make test's
 # 20-minute budget, each its own target that .ci/run also calls: the service tests (marked `service`,
 # `make test-service`: seven `make serve` starts and stops and two Ray heads, ~9 min), the operations
-# tests (marked `ops`, `make test-ops`: rolling update, SIGKILLs and the GCS kill under load, ~13 min)
+# tests (marked `ops`, `make test-ops`: rolling update, SIGKILLs and the GCS kill under load, ~15 min)
 # and the batch tests (`make test-batch`: python -m batch on its own Ray Data cluster, ~7 min).
 # Nothing skips silently: a missing Prometheus stops here (tests/integration/test_prometheus.py needs it),
 # and -rs prints every skip's reason (only the `gpu` tests skip, without CUDA).

@@ -64,7 +64,9 @@ def sample(driver: int) -> dict:
     return {**{k: v / 1024 for k, v in rss.items()}, "PSS, all": pss / 1024}
 
 
-def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
+def run(rows_path: Path, out: Path, every: float, model: str, samples_csv: Path) -> list[dict]:
+    """Run the job, sampling its memory every `every` s; each sample is appended to `samples_csv` as it
+    is taken, so a run stopped early (an hour-long 1 M-row run) still leaves what it measured."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = [
         "nice",
@@ -84,10 +86,18 @@ def run(rows_path: Path, out: Path, every: float, model: str) -> list[dict]:
     ]
     env = own_cluster_env()
     proc = launch(cmd, env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    samples, start = [], time.monotonic()
-    while proc.poll() is None:
-        samples.append({"s": time.monotonic() - start, "rows": output.committed_rows(out), **sample(proc.pid)})
-        time.sleep(every)  # a sampling period, not synchronisation
+    samples: list[dict] = []
+    start = time.monotonic()
+    with samples_csv.open("w", newline="") as fh:
+        writer = None
+        while proc.poll() is None:
+            samples.append({"s": time.monotonic() - start, "rows": output.committed_rows(out), **sample(proc.pid)})
+            if writer is None:
+                writer = csv.DictWriter(fh, fieldnames=list(samples[0]))
+                writer.writeheader()
+            writer.writerow(samples[-1])
+            fh.flush()
+            time.sleep(every)  # a sampling period, not synchronisation
     if proc.returncode != 0:
         raise RuntimeError(f"batch failed ({proc.returncode})")
     print(proc.stdout.read())
@@ -128,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=ROOT / "artifacts" / "bench" / "batch")
     args = ap.parse_args(argv)
     rows_path = make_input(args.dir / f"short-{args.rows}.jsonl", args.rows)
-    samples = run(rows_path, args.dir / "memory-out", args.every, args.model)
-    with (args.dir / "memory-samples.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(samples[0]))
-        writer.writeheader()
-        writer.writerows(samples)
+    samples = run(rows_path, args.dir / "memory-out", args.every, args.model, args.dir / "memory-samples.csv")
     text = report(samples, args.rows, args.model)
     (args.dir.parent / "batch-memory.md").write_text(text)
     print(text)
