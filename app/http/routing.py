@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from app.core.registry import ModelRegistry
 
 
-def _registry(request: Request) -> ModelRegistry:
+async def _registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
