@@ -12,6 +12,7 @@ error kinds, phases.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import time
@@ -56,6 +57,7 @@ LATENCY_BUCKETS_S = [
     30.0,
 ]
 BATCH_BUCKETS: list[float] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512]
+INFLIGHT_REPORT_S = 0.5  # how often the in-flight gauge is set (IngressMetrics._report_inflight)
 
 # Ray's own request-latency histograms (ray_serve_*) use these when the cluster is started with
 # RAY_SERVE_REQUEST_LATENCY_BUCKETS_MS set to it (Makefile, loadtest/servers.py); its default
@@ -149,14 +151,16 @@ class IngressMetrics:
             tag_keys=tag_keys("model"),
         )
         self._inflight = 0
+        self._reporter: asyncio.Task | None = None
 
     def started(self) -> None:
         self._inflight += 1
-        self.inflight.set(self._inflight)
+        loop = asyncio.get_running_loop()
+        if self._reporter is None or self._reporter.done() or self._reporter.get_loop() is not loop:
+            self._reporter = loop.create_task(self._report_inflight())
 
     def finished(self, route: str, labels: RequestLabels, status: int) -> None:
         self._inflight -= 1
-        self.inflight.set(self._inflight)
         tags = {"route": route, "model": labels.model}
         self.latency.observe(time.perf_counter() - labels.start, {**tags, "status_class": f"{status // 100}xx"})
         if status >= 400:
@@ -164,6 +168,17 @@ class IngressMetrics:
             self.errors.inc(1, {**tags, "kind": kind})
             if kind == "overloaded":
                 self.shed.inc(1, tags)
+
+    async def _report_inflight(self) -> None:
+        """The in-flight gauge, set every INFLIGHT_REPORT_S (as Serve reports its own ongoing requests):
+        a Ray metric record per request start and end cost the ingress measurable CPU under load
+        (BENCHMARKS.md), and Ray exports a gauge's last value only every few seconds anyway."""
+        reported = None
+        while True:
+            if self._inflight != reported:
+                reported = self._inflight
+                self.inflight.set(reported)
+            await asyncio.sleep(INFLIGHT_REPORT_S)
 
 
 class ModelMetrics:
