@@ -138,6 +138,16 @@ class ModelConfig(BaseModel):
             "one batch tokenizes and gathers while another computes (unsplit models)."
         ),
     )
+    overlap_min_batch: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description=(
+            "embed: inputs a batch must hold to leave the ingress's edge batcher while every replica already "
+            "computes one (with a replica idle it leaves at once). On a busy CPU a small batch beside a running "
+            "one costs nearly a full batch's CPU. Default: max_batch_size / 4; 1: never wait."
+        ),
+    )
     placement: Literal["replica", "ingress"] = Field(
         "replica",
         description=(
@@ -169,6 +179,11 @@ class ModelConfig(BaseModel):
 
     def stage_name(self, k: int) -> str:
         return f"Stage{k}-{self.name}"
+
+    @property
+    def edge_min_batch(self) -> int:
+        """overlap_min_batch, or its default."""
+        return self.overlap_min_batch or max(1, self.max_batch_size // 4)
 
     @property
     def microbatches(self) -> int:
@@ -206,7 +221,7 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _embedding_options(self) -> ModelConfig:
-        embed_only = {"runtime": "torch", "concurrent_batches": 1, "placement": "replica"}
+        embed_only = {"runtime": "torch", "concurrent_batches": 1, "placement": "replica", "overlap_min_batch": None}
         for name, default in embed_only.items():
             if self.task != "embed" and getattr(self, name) != default:
                 raise ValueError(f"{name}: only embedding models take it (task: embed); remove it")

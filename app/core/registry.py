@@ -105,6 +105,7 @@ class ModelRegistry:
                 max_items=config.edge_batch_max_items,
                 max_inflight=self._inflight_limit(m, replicas=1),
                 expired=_expired_at_edge(name),
+                min_items=m.edge_min_batch,
             )
             for name, m in self._models.items()
             if m.task == "embed" and config.edge_batching
@@ -117,14 +118,16 @@ class ModelRegistry:
     def _inflight_limit(self, m: ModelConfig, replicas: int) -> int:
         """Edge batches out at once: one per batch the model's replicas compute at once, plus one, so
         the next is already gathering where it will run."""
-        return m.batches_in_flight * (1 if m.name in self._local else max(1, replicas)) + 1
+        return m.batches_in_flight * replicas + 1
 
     def scale_batchers(self, running: dict[str, int]) -> None:
         """Follow the models' RUNNING replica counts (autoscaling adds and removes them)."""
         for name, batcher in self._batchers.items():
             m = self._models[name]
             if m.deployment_name in running:
-                batcher.max_inflight = self._inflight_limit(m, running[m.deployment_name])
+                replicas = 1 if name in self._local else max(1, running[m.deployment_name])
+                batcher.max_inflight = self._inflight_limit(m, replicas)
+                batcher.busy_after = replicas  # a batch per replica leaves at once; more wait to fill
 
     def deadline(self) -> float:
         """Until when (monotonic) a request that loses its replica is retried."""

@@ -142,6 +142,7 @@ def test_a_model_placed_in_the_ingress_gets_no_deployment():
     [
         ({"task": "generate", "source": "built:smollm2-135m-instruct", "runtime": "onnx"}, "runtime"),
         ({"task": "generate", "source": "built:smollm2-135m-instruct", "placement": "ingress"}, "placement"),
+        ({"task": "generate", "source": "built:smollm2-135m-instruct", "overlap_min_batch": 4}, "overlap_min_batch"),
         ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "placement": "ingress"}, "placement"),
         ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "runtime": "onnx"}, "runtime"),
         ({"task": "embed", "source": SOURCE, "runtime": "onnx", "device": "cuda"}, "runtime"),

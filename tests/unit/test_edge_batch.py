@@ -134,6 +134,61 @@ def test_never_more_batches_out_than_max_inflight():
     run(scenario())
 
 
+def test_beside_a_running_batch_a_small_one_waits_until_it_fills():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=len, max_items=100, max_inflight=3, min_items=4, busy_after=1)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await sender.wait_batches(1)  # nothing out: it leaves at once, alone
+        held = [asyncio.ensure_future(batcher.submit(x)) for x in ("b", "cc")]
+        await asyncio.sleep(0)  # let them enqueue (a yield, not a timing wait)
+        assert len(sender.batches) == 1, "3 inputs left beside a running batch; 4 were required"
+        held.append(asyncio.ensure_future(batcher.submit("d")))
+        await sender.wait_batches(2)  # the fourth input fills it: it leaves while "a" still computes
+        assert sender.batches == [["a"], ["b", "cc", "d"]]
+        for gate in sender.gates:
+            gate.set()
+        assert [await j for j in [first, *held]] == ["result:a", "result:b", "result:cc", "result:d"]
+
+    run(scenario())
+
+
+def test_a_held_batch_leaves_when_the_running_one_returns():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=len, max_items=100, max_inflight=3, min_items=8, busy_after=1)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await sender.wait_batches(1)
+        held = asyncio.ensure_future(batcher.submit("b"))
+        await asyncio.sleep(0)
+        assert len(sender.batches) == 1
+        sender.gates[0].set()  # nothing computes now: "b" goes, however small
+        await sender.wait_batches(2)
+        assert sender.batches[1] == ["b"]
+        sender.gates[1].set()
+        assert (await first, await held) == ("result:a", "result:b")
+
+    run(scenario())
+
+
+def test_one_batch_per_replica_leaves_at_once_before_any_waits_to_fill():
+    async def scenario():
+        sender = GatedSender()
+        batcher = EdgeBatcher(sender, size_of=len, max_items=100, max_inflight=5, min_items=8, busy_after=2)
+        jobs = [asyncio.ensure_future(batcher.submit(x)) for x in "ab"]
+        await sender.wait_batches(2)  # two replicas, two batches out at once, alone
+        jobs.append(asyncio.ensure_future(batcher.submit("c")))
+        await asyncio.sleep(0)
+        assert sender.batches == [["a"], ["b"]]  # both replicas busy: "c" waits to fill
+        for n in (0, 1):
+            sender.gates[n].set()
+        await sender.wait_batches(3)
+        sender.gates[2].set()
+        assert [await j for j in jobs] == ["result:a", "result:b", "result:c"]
+
+    run(scenario())
+
+
 def test_the_registry_keeps_one_batch_more_out_than_the_model_computes_at_once():
     """README Architecture: concurrent_batches × RUNNING replicas, plus one; in the ingress, concurrent_batches + 1."""
     from app.config import AppConfig, ModelConfig
@@ -154,3 +209,7 @@ def test_the_registry_keeps_one_batch_more_out_than_the_model_computes_at_once()
     registry.scale_batchers({replica.deployment_name: 3, local.deployment_name: 5})
     assert registry._batchers["r"].max_inflight == 2 * 3 + 1
     assert registry._batchers["l"].max_inflight == 3 + 1  # the ingress's own copy: replicas do not matter
+    # Beside running batches, a batch leaves once it holds a quarter of max_batch_size (32) inputs; one
+    # batch per RUNNING replica leaves at once.
+    assert (registry._batchers["r"]._min_items, registry._batchers["r"].busy_after) == (8, 3)
+    assert (registry._batchers["l"]._min_items, registry._batchers["l"].busy_after) == (8, 1)
