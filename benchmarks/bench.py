@@ -9,6 +9,11 @@ texts per request at concurrency 4; and the project's own load generator (python
 concurrency 32. Every process runs at nice 15, Ray's workers included (benchmarks/__init__.py): a
 load generator above the servers on the same cores would starve them. Not a test: nothing asserts
 on speed. Writes artifacts/bench/embed.{md,json}.
+
+This VM's speed drifts by 10-25% from minute to minute (the raw model alone, 5 s windows: 396-461
+texts/s), more than the differences measured. So every server runs `--rounds` times (default 3), the
+servers taking turns within each round, and the table gives each server's median over its rounds,
+with every round's figure beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import copy
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -29,7 +35,7 @@ from pathlib import Path
 
 from benchmarks import NICE, peers, same_nice
 from loadtest import report, runner
-from loadtest.scenarios import Embeddings, sentence
+from loadtest.scenarios import Embeddings
 from tests.harness import ROOT, free_port, serve_config_on, serve_run
 
 MODEL = "all-MiniLM-L6-v2"
@@ -45,14 +51,30 @@ VARIANTS = {  # name: changes to the shipped config's embedding model entry and 
 }
 
 
+WRK_WORDS = ("serving", "model", "online", "batch", "replica", "latency", "queue", "token",
+             "request", "vector", "cluster", "node", "throughput", "capacity", "deploy", "scale")  # fmt: skip
+
+
+def wrk_texts(texts_per_request: int = 32) -> list[str]:
+    """The texts benchmarks/wrk/embeddings.lua sends (its bodies for TEXTS = 32), in Python."""
+    out = []
+    for i in range(1, 513):
+        for j in range(1, texts_per_request + 1):
+            k = i * 31 + j * 7
+            words = (WRK_WORDS[k % 16], WRK_WORDS[(k * 3) % 16], WRK_WORDS[(k * 5) % 16])
+            out.append(f"Request {k} asks about {words[0]} and {words[1]} near the {words[2]}.")
+    return out
+
+
 def raw_limit(runtime: str, seconds: float) -> dict:
-    """Texts/s of the model alone in-process, batches of 32, both cores: the ceiling for any server
-    of these numerics. Best of two layouts (one batch on 2 threads; two batches at once on 1 each)."""
+    """Texts/s of the model alone in-process, batches of 32 of the texts wrk sends, both cores: the
+    ceiling for any server of these numerics. Best of two layouts (one batch on 2 threads; two batches
+    at once on 1 each)."""
     from app.config import ModelConfig
     from deployments.embedder import load_model
 
     out = {}
-    texts = [sentence(i) for i in range(4096)]
+    texts = wrk_texts()[:4096]
     for batches in (1, 2):
         cfg = ModelConfig(name=MODEL, task="embed", source=f"bundled:{MODEL}", runtime=runtime,
                           concurrent_batches=batches)  # fmt: skip
@@ -126,50 +148,100 @@ def rayinfer(variant: dict, log_dir: Path) -> Iterator[str]:
         yield url
 
 
-def run_all(seconds: float, only: list[str] | None) -> dict:
+def run_all(seconds: float, only: list[str] | None, rounds: int) -> dict:
     log_dir = ROOT / "artifacts" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"raw": {rt: raw_limit(rt, 10.0) for rt in ("onnx", "torch")}, "servers": {}}
-    print(f"raw limits: {results['raw']}", flush=True)
-    same_nice(NICE)  # after the raw measurement, which has the machine to itself
+    results: dict = {"rounds": [], "raw_rounds": []}
     servers = {**{name: lambda d, n=name: peers.serve(n, d) for name in peers.PEERS}}
     servers.update({name: lambda d, v=variant: rayinfer(v, d) for name, variant in VARIANTS.items()})
-    for name, start in servers.items():
-        if only and not any(o in name for o in only):
-            continue
-        with start(log_dir) as url:
-            results["servers"][name] = measure(url, seconds)
-        print(f"{name}: {json.dumps(results['servers'][name]['single'])}", flush=True)
+    for k in range(rounds):
+        # Between rounds no server runs: the raw limit has the machine to itself, whatever this process's nice.
+        results["raw_rounds"].append({rt: raw_limit(rt, 10.0) for rt in ("onnx", "torch")})
+        print(f"round {k + 1}, raw limits: {results['raw_rounds'][-1]}", flush=True)
+        same_nice(NICE)
+        measured: dict = {}
+        for name, start in servers.items():
+            if only and not any(o in name for o in only):
+                continue
+            with start(log_dir) as url:
+                measured[name] = measure(url, seconds)
+            print(f"round {k + 1}, {name}: {json.dumps(measured[name]['single'])}", flush=True)
+        results["rounds"].append(measured)
+    results["servers"] = {name: median_run(results["rounds"], name) for name in results["rounds"][0]}
+    results["raw"] = {
+        rt: {
+            "texts_per_s": statistics.median(r[rt]["texts_per_s"] for r in results["raw_rounds"]),
+            "runs": [r[rt]["texts_per_s"] for r in results["raw_rounds"]],
+        }
+        for rt in ("onnx", "torch")
+    }
     return results
 
 
+def median_run(rounds: list[dict], name: str) -> dict:
+    """Each load's figures for one server: the median over the rounds of each, and every round's rate."""
+    out: dict = {}
+    for load, rate in (("single", "requests_per_s"), ("batch32", "texts_per_s"), ("loadtest", "items_per_s")):
+        runs = [r[name][load] for r in rounds]
+        if load == "loadtest":
+            p99s = [x["latency_ms"]["p99"] for x in runs]
+            out[load] = {rate: statistics.median(x[rate] for x in runs), "latency_ms": {"p99": statistics.median(p99s)}}
+        else:
+            out[load] = {
+                key: statistics.median(x[key] for x in runs) for key in (rate, "requests_per_s", "p50_ms", "p99_ms")
+            }
+            out[load]["errors"] = sum(x["errors_status"] + x["errors_other"] for x in runs)
+        out[load]["runs"] = [round(x[rate], 1) for x in runs]
+    return out
+
+
+def batch32_cell(b: dict, raw_rate: float) -> str:
+    """The 32-text cells (texts/s with each round's, × raw); a server that refused them gets no rate."""
+    if b["errors"]:  # wrk counts an error response as a request: its rate would count refused texts
+        return f"({b['errors']:,} errors) | –"
+    return f"{b['texts_per_s']:.0f} ({', '.join(f'{x:.0f}' for x in b['runs'])}) | {b['texts_per_s'] / raw_rate:.2f}"
+
+
 def render(results: dict, command: str) -> str:
-    servers = results["servers"]
+    servers, rounds = results["servers"], results["rounds"]
     peer_names = [n for n in servers if n in peers.PEERS and n != peers.NAIVE]
     best_peer = max((servers[n]["single"]["requests_per_s"] for n in peer_names), default=None)
     raw = results["raw"]
     lines = [
         f"Measured {datetime.date.today()} by `{command}`: {os.cpu_count()} cores, CPU only, fp32, "
-        f"load average before the run {results.get('load_before', '?')}.",
+        f"load average before the run {results.get('load_before', '?')}; {len(rounds)} rounds, the servers "
+        "taking turns in each; every figure is the server's median over the rounds, each round's rate in ().",
         "",
-        f"Raw limit, in-process, batches of 32: onnx {raw['onnx']['texts_per_s']:.0f} texts/s "
-        f"({raw['onnx']['layouts']}), torch {raw['torch']['texts_per_s']:.0f} ({raw['torch']['layouts']}).",
+        "Raw limit, in-process, batches of 32, both cores (the better of one batch on two threads and two "
+        f"at once on one each), measured at the start of each round: onnx {raw['onnx']['texts_per_s']:.0f} texts/s "
+        f"({', '.join(f'{x:.0f}' for x in raw['onnx']['runs'])}), torch {raw['torch']['texts_per_s']:.0f} "
+        f"({', '.join(f'{x:.0f}' for x in raw['torch']['runs'])}).",
         "",
-        "| server | wrk single req/s | × best peer | × raw | p50 ms | p99 ms | wrk 32-text texts/s | × raw "
-        "| loadtest req/s | loadtest p99 ms | errors |",
+        "| server | wrk single req/s (rounds) | × best peer | × raw | p50 ms | p99 ms | wrk 32-text texts/s "
+        "(rounds) | × raw | loadtest req/s | loadtest p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in servers.items():
         s, b, lt = r["single"], r["batch32"], r["loadtest"]
         rt = "torch" if "torch" in name or name in peers.PEERS else "onnx"
-        errors = s["errors_status"] + s["errors_other"] + b["errors_status"] + b["errors_other"]
+        errors = s["errors"] + b["errors"]
         vs_peer = f"{s['requests_per_s'] / best_peer:.2f}" if best_peer else "–"
         lines.append(
-            f"| {name} | {s['requests_per_s']:.0f} | {vs_peer} | {s['texts_per_s'] / raw[rt]['texts_per_s']:.2f} "
-            f"| {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {b['texts_per_s']:.0f} "
-            f"| {b['texts_per_s'] / raw[rt]['texts_per_s']:.2f} "
+            f"| {name} | {s['requests_per_s']:.0f} ({', '.join(f'{x:.0f}' for x in s['runs'])}) | {vs_peer} "
+            f"| {s['requests_per_s'] / raw[rt]['texts_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} "
+            f"| {batch32_cell(b, raw[rt]['texts_per_s'])} "
             f"| {lt['items_per_s']:.0f} | {lt['latency_ms']['p99']:.0f} | {errors or 'none'} |"
         )
+    if SHIPPED in servers and peer_names:
+        per_round = [
+            r[SHIPPED]["single"]["requests_per_s"] / max(r[n]["single"]["requests_per_s"] for n in peer_names)
+            for r in rounds
+            if SHIPPED in r and all(n in r for n in peer_names)
+        ]
+        lines += [
+            "",
+            f"Shipped config against the best peer of the same round: {', '.join(f'{x:.2f}x' for x in per_round)}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -177,11 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__)
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load")
     p.add_argument("--only", nargs="*", help="run only the servers whose name contains one of these")
+    p.add_argument("--rounds", type=int, default=3, help="times each server is measured, taking turns (median)")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "bench" / "embed.md"))
     args = p.parse_args(argv)
     command = "make bench" if os.environ.get("MAKELEVEL") else "python -m benchmarks.bench " + " ".join(sys.argv[1:])
     load_before = os.getloadavg()[0]
-    results = run_all(args.duration, args.only)
+    results = run_all(args.duration, args.only, args.rounds)
     results["load_before"] = round(load_before, 2)
     text = render(results, command)
     Path(args.out).write_text(text)
