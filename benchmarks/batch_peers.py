@@ -123,7 +123,13 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, nice: int) -> dict:
+SHAPES = {  # benchmarks/celery_peer.py says what each is
+    "slices": "chord of {n}-row tasks",
+    "records": "a task per record ({n} to a message, Celery's chunks)",
+}
+
+
+def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, nice: int, shape: str) -> dict:
     """redis-server + a prefork `celery worker` (`procs` processes sharing the model's threads) + the chord."""
     python = ensure_celery_venv()
     cfg, pool = _pool(model)
@@ -180,12 +186,11 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
             str(cfg.max_batch_size),
             "--procs",
             str(procs),
+            "--shape",
+            shape,
         ]
-        return _timed(
-            cmd,
-            env,
-            f"Celery: chord of {batch_size}-row tasks, {procs} worker processes x {env['PEER_THREADS']} threads, Redis",
-        )
+        what = SHAPES[shape].format(n=batch_size)
+        return _timed(cmd, env, f"Celery: {what}, {procs} worker processes x {env['PEER_THREADS']} threads, Redis")
     finally:
         for proc in (worker, redis):
             if proc is not None:
@@ -193,10 +198,10 @@ def celery_run(model: str, rows: Path, out: Path, batch_size: int, procs: int, n
                 kill_run(proc)
 
 
-def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int, procs: int) -> dict:
+def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int, procs: int, shape: str) -> dict:
     from celery import chord, group
 
-    from benchmarks.celery_peer import app, embed_rows, total
+    from benchmarks.celery_peer import app, embed_record, embed_rows, total, write_records
 
     deadline = time.monotonic() + 300
     while not app.control.ping(timeout=1.0):
@@ -209,6 +214,10 @@ def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int
     records = [json.loads(line) for line in input_path.open()]
     ids, texts = [str(r["id"]) for r in records], [r["text"] for r in records]
     start = time.perf_counter()
+    if shape == "records":
+        per_record = embed_record.chunks(zip(ids, texts), batch_size).group()
+        written = chord(per_record)(write_records.s(str(out))).get(timeout=24 * 3600)
+        return {"rows": written, "seconds": time.perf_counter() - start}
     slices = range(0, len(ids), batch_size)
     header = [
         embed_rows.s(ids[s : s + batch_size], texts[s : s + batch_size], str(out), k, chunk_size)
@@ -253,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     drv.add_argument("--batch-size", type=int, required=True)
     drv.add_argument("--chunk-size", type=int, required=True)
     drv.add_argument("--procs", type=int, required=True)
+    drv.add_argument("--shape", choices=sorted(SHAPES), default="slices")
     args = ap.parse_args(argv)
     if args.what == "raw":
         result = _raw(args.model, args.input, args.batch_size)
     else:
-        result = _celery_driver(args.input, args.out, args.batch_size, args.chunk_size, args.procs)
+        result = _celery_driver(args.input, args.out, args.batch_size, args.chunk_size, args.procs, args.shape)
     print(json.dumps(result))
     return 0
 

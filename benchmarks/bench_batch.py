@@ -9,7 +9,8 @@ in one run; then its vectors against the online service's /v1/embeddings.
 2. batch: `python -m batch embed --model M --input rows.jsonl --output DIR`, a local cluster of its own;
    rows/s from its summary (read to write, actor start-up and model load included).
 3. celery: redis-server, `celery worker` (prefork, each process holding the model: benchmarks/celery_peer.py)
-   and a chord of --batch-size slices, timed from submission to the chord's callback.
+   and a chord, timed from submission to the chord's callback, in two shapes (--celery-shapes): a task
+   per record (the article's farm) and a task per --batch-size slice (Celery tuned for this model).
 4. online: `serve run` of the shipped config's embedding model; every row's /v1/embeddings vector is
    compared with the batch output (cosine).
 
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks import NICE, own_cluster_env
-from benchmarks.batch_peers import celery_run, online_cosines, raw_run
+from benchmarks.batch_peers import SHAPES, celery_run, online_cosines, raw_run
 from loadtest.scenarios import sentence
 from tests.harness import ROOT
 
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
     ap.add_argument("--batch-size", type=int, default=256, help="rows per model call, the same for all three")
     ap.add_argument("--celery-procs", type=int, default=2, help="celery worker processes (prefork)")
+    ap.add_argument(
+        "--celery-shapes", nargs="+", choices=sorted(SHAPES), default=["records", "slices"], help="fan-outs to run"
+    )
     ap.add_argument("--online-every", type=int, default=1, help="compare every Nth row with /v1/embeddings")
     ap.add_argument("--dir", type=Path, default=ROOT / "artifacts" / "bench" / "batch")
     args = ap.parse_args(argv)
@@ -136,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     results = [
         raw_run(args.model, rows, args.batch_size, NICE),
         batch_run(args.model, rows, args.dir / "batch-out", args.batch_size),
-        celery_run(args.model, rows, args.dir / "celery-out", args.batch_size, args.celery_procs, NICE),
+        *(
+            celery_run(args.model, rows, args.dir / f"celery-{shape}", args.batch_size, args.celery_procs, NICE, shape)
+            for shape in args.celery_shapes
+        ),
     ]
     cos = online_cosines(args.model, rows, args.dir / "batch-out", args.online_every)
     text = report(results, cos, args)

@@ -8,6 +8,14 @@ does (batch/embed.py, load_model: the config's runtime, PEER_THREADS threads); e
 slice of rows as that actor does (tokenize, embed_ids in chunks of the model's max_batch_size) and
 writes its own Parquet part; the chord's callback adds up the rows.
 
+Two shapes of the fan-out (benchmarks/batch_peers.py, `--shape`):
+- `slices`: a chord of `embed_rows` tasks of 256 rows each, the model batching within a task: Celery
+  tuned for this model, its broker cost spread over 256 rows;
+- `records`: a task per record, as the article's farm (and a Celery app written for its records) runs
+  it: `embed_record` over Celery's `chunks` primitive (256 records to a message, each record its own
+  call of the task, so its own forward pass), the vectors returned through the result backend to the
+  chord's callback, which writes them.
+
     PEER_REDIS_URL=redis://127.0.0.1:PORT/0 celery -A benchmarks.celery_peer worker -c 2 ...
 """
 
@@ -66,3 +74,23 @@ def embed_rows(ids: list[str], texts: list[str], out_dir: str, part: int, chunk_
 def total(counts: list[int]) -> int:
     """The chord's callback: every slice is done."""
     return sum(counts)
+
+
+@app.task
+def embed_record(record_id: str, text: str) -> tuple[str, list[float]] | None:
+    """One record, as a task per record embeds it (None: over-long, left out)."""
+    tokens = _model.tokenize([text])
+    if len(tokens[0]) > _model.max_tokens:
+        return None
+    return record_id, _model.embed_ids(tokens, 1)[0].tolist()
+
+
+@app.task
+def write_records(chunks: list[list[tuple[str, list[float]] | None]], out_dir: str) -> int:
+    """The chord's callback over `chunks` of embed_record: every vector into one Parquet file."""
+    rows = [r for chunk in chunks for r in chunk if r is not None]
+    vectors = pa.array([v for _, vec in rows for v in vec], pa.float32())
+    dim = len(rows[0][1]) if rows else 0
+    column = pa.FixedSizeListArray.from_arrays(vectors, dim) if rows else pa.array([], pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": [i for i, _ in rows], "embedding": column}), Path(out_dir) / "part-records.parquet")
+    return len(rows)
