@@ -56,7 +56,10 @@ class Shedding:
 
     maxconn: int = 128  # requests inside one ingress replica at once (<= the app's max_inflight_requests)
     queue: int = 64  # requests waiting in HAProxy for a slot, all replicas together
-    queue_timeout_ms: int = 500  # longest wait for a slot: a 503 comes within this (plus HAProxy's own time)
+    # Longest wait for a slot: a 503 comes within this plus HAProxy's own time and the client's. The
+    # promise is a 503 within a second; at 500 ms a loaded 2-core CI machine answered the last queued
+    # ones of an 800-request burst after 1.08 s (locally 0.65 s), so the wait takes a quarter of it.
+    queue_timeout_ms: int = 250
     retry_after_s: int = 1
 
     @classmethod
