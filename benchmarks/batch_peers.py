@@ -125,7 +125,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 SHAPES = {  # benchmarks/celery_peer.py says what each is
     "slices": "chord of {n}-row tasks",
-    "records": "a task per record ({n} to a message, Celery's chunks)",
+    "records": "a task per record ({n} to a message, as Celery's chunks sends them)",
 }
 
 
@@ -215,8 +215,12 @@ def _celery_driver(input_path: Path, out: Path, batch_size: int, chunk_size: int
     ids, texts = [str(r["id"]) for r in records], [r["text"] for r in records]
     start = time.perf_counter()
     if shape == "records":
-        per_record = embed_record.chunks(zip(ids, texts), batch_size).group()
-        written = chord(per_record)(write_records.s(str(out))).get(timeout=24 * 3600)
+        pairs = list(zip(ids, texts))
+        messages = group(
+            embed_record.starmap(pairs[s : s + batch_size]) | write_records.s(str(out), k)
+            for k, s in enumerate(range(0, len(pairs), batch_size))
+        )
+        written = sum(messages.apply_async().get(timeout=24 * 3600))
         return {"rows": written, "seconds": time.perf_counter() - start}
     slices = range(0, len(ids), batch_size)
     header = [

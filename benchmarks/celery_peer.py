@@ -12,9 +12,11 @@ Two shapes of the fan-out (benchmarks/batch_peers.py, `--shape`):
 - `slices`: a chord of `embed_rows` tasks of 256 rows each, the model batching within a task: Celery
   tuned for this model, its broker cost spread over 256 rows;
 - `records`: a task per record, as the article's farm (and a Celery app written for its records) runs
-  it: `embed_record` over Celery's `chunks` primitive (256 records to a message, each record its own
-  call of the task, so its own forward pass), the vectors returned through the result backend to the
-  chord's callback, which writes them.
+  it: `embed_record` over Celery's `starmap` (what its `chunks` primitive sends: 256 records to a
+  message, each record its own call of the task, so its own forward pass), each message's vectors
+  returned through the result backend to a `write_records` chained to it, which writes them. One
+  callback for every record (a chord over all the chunks) failed at 100,000 rows: its message, every
+  vector as JSON (~1 GB), was more than Redis took (connection reset, after 10 minutes of work).
 
     PEER_REDIS_URL=redis://127.0.0.1:PORT/0 celery -A benchmarks.celery_peer worker -c 2 ...
 """
@@ -86,11 +88,12 @@ def embed_record(record_id: str, text: str) -> tuple[str, list[float]] | None:
 
 
 @app.task
-def write_records(chunks: list[list[tuple[str, list[float]] | None]], out_dir: str) -> int:
-    """The chord's callback over `chunks` of embed_record: every vector into one Parquet file."""
-    rows = [r for chunk in chunks for r in chunk if r is not None]
+def write_records(results: list[tuple[str, list[float]] | None], out_dir: str, part: int) -> int:
+    """Chained to one message of embed_record calls: its vectors into out_dir/part-<part>.parquet."""
+    rows = [r for r in results if r is not None]
     vectors = pa.array([v for _, vec in rows for v in vec], pa.float32())
     dim = len(rows[0][1]) if rows else 0
     column = pa.FixedSizeListArray.from_arrays(vectors, dim) if rows else pa.array([], pa.list_(pa.float32()))
-    pq.write_table(pa.table({"id": [i for i, _ in rows], "embedding": column}), Path(out_dir) / "part-records.parquet")
+    table = pa.table({"id": [i for i, _ in rows], "embedding": column})
+    pq.write_table(table, Path(out_dir) / f"part-{part:06d}.parquet")
     return len(rows)
