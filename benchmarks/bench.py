@@ -195,11 +195,15 @@ def median_run(rounds: list[dict], name: str) -> dict:
     return out
 
 
+def _rounds(rates: list[float]) -> str:
+    return ", ".join(f"{x:.0f}" for x in rates)
+
+
 def batch32_cell(b: dict, raw_rate: float) -> str:
     """The 32-text cells (texts/s with each round's, × raw); a server that refused them gets no rate."""
     if b["errors"]:  # wrk counts an error response as a request: its rate would count refused texts
         return f"({b['errors']:,} errors) | –"
-    return f"{b['texts_per_s']:.0f} ({', '.join(f'{x:.0f}' for x in b['runs'])}) | {b['texts_per_s'] / raw_rate:.2f}"
+    return f"{b['texts_per_s']:.0f} ({_rounds(b['runs'])}) | {b['texts_per_s'] / raw_rate:.2f}"
 
 
 def render(results: dict, command: str) -> str:
@@ -214,8 +218,8 @@ def render(results: dict, command: str) -> str:
         "",
         "Raw limit, in-process, batches of 32, both cores (the better of one batch on two threads and two "
         f"at once on one each), measured at the start of each round: onnx {raw['onnx']['texts_per_s']:.0f} texts/s "
-        f"({', '.join(f'{x:.0f}' for x in raw['onnx']['runs'])}), torch {raw['torch']['texts_per_s']:.0f} "
-        f"({', '.join(f'{x:.0f}' for x in raw['torch']['runs'])}).",
+        f"({_rounds(raw['onnx']['runs'])}), torch {raw['torch']['texts_per_s']:.0f} "
+        f"({_rounds(raw['torch']['runs'])}).",
         "",
         "| server | wrk single req/s (rounds) | × best peer | × raw | p50 ms | p99 ms | wrk 32-text texts/s "
         "(rounds) | × raw | loadtest req/s | loadtest p99 ms | errors |",
@@ -227,7 +231,7 @@ def render(results: dict, command: str) -> str:
         errors = s["errors"] + b["errors"]
         vs_peer = f"{s['requests_per_s'] / best_peer:.2f}" if best_peer else "–"
         lines.append(
-            f"| {name} | {s['requests_per_s']:.0f} ({', '.join(f'{x:.0f}' for x in s['runs'])}) | {vs_peer} "
+            f"| {name} | {s['requests_per_s']:.0f} ({_rounds(s['runs'])}) | {vs_peer} "
             f"| {s['requests_per_s'] / raw[rt]['texts_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} "
             f"| {batch32_cell(b, raw[rt]['texts_per_s'])} "
             f"| {lt['items_per_s']:.0f} | {lt['latency_ms']['p99']:.0f} | {errors or 'none'} |"

@@ -9,8 +9,8 @@ in one run; then its vectors against the online service's /v1/embeddings.
 2. batch: `python -m batch embed --model M --input rows.jsonl --output DIR`, a local cluster of its own;
    rows/s from its summary (read to write, actor start-up and model load included).
 3. celery: redis-server, `celery worker` (prefork, each process holding the model: benchmarks/celery_peer.py)
-   and a chord, timed from submission to the chord's callback, in two shapes (--celery-shapes): a task
-   per record (the article's farm) and a task per --batch-size slice (Celery tuned for this model).
+   timed from submission until every row is written, in two shapes (--celery-shapes): a task per record
+   (the article's farm) and a chord of --batch-size slices (Celery tuned for this model).
 4. online: `serve run` of the shipped config's embedding model; every row's /v1/embeddings vector is
    compared with the batch output (cosine).
 

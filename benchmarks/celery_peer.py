@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from celery import Celery
@@ -66,10 +67,14 @@ def embed_rows(ids: list[str], texts: list[str], out_dir: str, part: int, chunk_
     tokens = _model.tokenize(texts)
     keep = [i for i, t in enumerate(tokens) if len(t) <= _model.max_tokens]
     vectors = _model.embed_ids([tokens[i] for i in keep], chunk_size)
+    return _write_part([ids[i] for i in keep], vectors, out_dir, part)
+
+
+def _write_part(ids: list[str], vectors: np.ndarray, out_dir: str, part: int) -> int:
+    """Rows (id, float32 vector) into out_dir/part-<part>.parquet, as python -m batch writes them."""
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), _model.dim)
-    target = Path(out_dir) / f"part-{part:06d}.parquet"
-    pq.write_table(pa.table({"id": [ids[i] for i in keep], "embedding": column}), target)
-    return len(keep)
+    pq.write_table(pa.table({"id": ids, "embedding": column}), Path(out_dir) / f"part-{part:06d}.parquet")
+    return len(ids)
 
 
 @app.task
@@ -91,9 +96,5 @@ def embed_record(record_id: str, text: str) -> tuple[str, list[float]] | None:
 def write_records(results: list[tuple[str, list[float]] | None], out_dir: str, part: int) -> int:
     """Chained to one message of embed_record calls: its vectors into out_dir/part-<part>.parquet."""
     rows = [r for r in results if r is not None]
-    vectors = pa.array([v for _, vec in rows for v in vec], pa.float32())
-    dim = len(rows[0][1]) if rows else 0
-    column = pa.FixedSizeListArray.from_arrays(vectors, dim) if rows else pa.array([], pa.list_(pa.float32()))
-    table = pa.table({"id": [i for i, _ in rows], "embedding": column})
-    pq.write_table(table, Path(out_dir) / f"part-{part:06d}.parquet")
-    return len(rows)
+    vectors = np.array([vec for _, vec in rows], dtype=np.float32).reshape(-1, _model.dim)
+    return _write_part([i for i, _ in rows], vectors, out_dir, part)
