@@ -14,6 +14,9 @@ backend of the config Serve wrote:
 - for `/v1/embeddings` (idempotent), a retry on another replica when the replica dies under the
   request before answering (`retry-on conn-failure empty-response`); other requests keep Ray's default
   (retried only when never sent);
+- a request left unanswered by a dying replica is HAProxy's 502, which Ray's template answers with a
+  text/plain "500 Internal Server Error" (`errorfile 502`), a bug to any client: here it is 502
+  `ingress_lost` in the path's protocol's error body (gRPC: UNAVAILABLE);
 - a short queue in HAProxy for the rest: up to `RAYINFER_HAPROXY_QUEUE` requests wait for a slot, each
   at most `RAYINFER_HAPROXY_QUEUE_TIMEOUT_MS`; past either, HAProxy itself answers 503 with
   `Retry-After` and the error body of the path's protocol (OpenAI's, OIP's under /v2), or gRPC's
@@ -41,7 +44,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from app.core.errors import ERROR_TABLE, ErrorKind, ModelNotReady, Overloaded
+from app.core.errors import ERROR_TABLE, ErrorKind, IngressLost, ModelNotReady, Overloaded
 from app.oip.rest import errors as oip_errors
 from app.openai import errors as openai_errors
 
@@ -83,51 +86,76 @@ def shed_message(s: Shedding) -> str:
     )
 
 
-def _body(
-    fmt: Callable[[str, ErrorKind, str | None], dict], message: str, kind: ErrorKind = ERROR_TABLE[Overloaded]
-) -> str:
+def _body(fmt: Callable[[str, ErrorKind, str | None], dict], message: str, kind: ErrorKind) -> str:
     text = json.dumps(fmt(message, kind, None))
     # HAProxy's single-quoted log-format strings: no escapes inside, and % starts a format tag.
     assert "'" not in text and "%" not in text, text
     return text
 
 
+LOST_MESSAGE = (
+    "bad gateway: the ingress replica holding this request closed its connection without answering (it died "
+    "or was replaced), so the request may have run; retry it if running it twice is safe"
+)
+
+
+def _body_rules(var: str, message: str, kind: ErrorKind, oip: str) -> list[str]:
+    """Set txn.<var> to the error body the request's protocol expects: OIP's under `oip`, OpenAI's elsewhere."""
+    return [
+        f"    http-request set-var-fmt(txn.{var}) '{_body(openai_errors.error_body, message, kind)}'",
+        f"    http-request set-var-fmt(txn.{var}) '{_body(oip_errors.error_body, message, kind)}' "
+        f"if {{ path {oip} }} or {{ path_beg {oip}/ }}",
+    ]
+
+
+def _json_reply(var: str, retry_after_s: int | None = None) -> str:
+    retry = "" if retry_after_s is None else f"hdr Retry-After {retry_after_s} "
+    return f'content-type application/json {retry}lf-string "%[var(txn.{var})]"'
+
+
 def _http_rules(prefix: str, s: Shedding) -> list[str]:
-    message = shed_message(s)
     oip = prefix.rstrip("/") + OIP_PREFIX
-    reply = f'content-type application/json hdr Retry-After {s.retry_after_s} lf-string "%[var(txn.rayinfer_shed)]"'
+    shed = _json_reply("rayinfer_shed", s.retry_after_s)
     return [
         f"    {MARK} at most {s.maxconn} requests per ingress replica, {s.queue} waiting at most "
         f"{s.queue_timeout_ms} ms; past either, 503 + Retry-After here (app/haproxy.py)",
         f"    timeout queue {s.queue_timeout_ms}ms",
-        f"    http-request set-var-fmt(txn.rayinfer_shed) '{_body(openai_errors.error_body, message)}'",
-        f"    http-request set-var-fmt(txn.rayinfer_shed) '{_body(oip_errors.error_body, message)}' "
-        f"if {{ path {oip} }} or {{ path_beg {oip}/ }}",
-        f"    http-request return status 503 {reply} if {{ queue() ge {s.queue} }}",
-        f"    http-error status 503 {reply}",
+        *_body_rules("rayinfer_shed", shed_message(s), ERROR_TABLE[Overloaded], oip),
+        f"    http-request return status 503 {shed} if {{ queue() ge {s.queue} }}",
+        f"    http-error status 503 {shed}",
         # An ingress replica that dies under a request (SIGKILL, OOM) closes its connections: an
         # embedding request that got no byte back runs again on another replica (idempotent); any
         # other request is retried only when it was never sent (Ray's default, conn-failure).
         f"    {MARK} a request a dead replica left unanswered: embeddings run again elsewhere",
         "    retry-on conn-failure empty-response",
         f"    http-request disable-l7-retry unless {{ path {prefix.rstrip('/')}/v1/embeddings }}",
+        # What is left unanswered is HAProxy's 502, which Ray's template turns into a text/plain
+        # "500 Internal Server Error" (`errorfile 502`): a client reads that as a bug, not a lost replica.
+        f"    {MARK} a dead replica's unanswered request: 502 in the protocol's body, not Ray's text 500",
+        *_body_rules("rayinfer_lost", LOST_MESSAGE, ERROR_TABLE[IngressLost], oip),
+        f"    http-error status 502 {_json_reply('rayinfer_lost')}",
     ]
 
 
+def _grpc_status(message: str, retry_after_s: int | None = None) -> str:
+    """gRPC's UNAVAILABLE as headers of a trailers-only answer, with grpc-retry-pushback-ms (gRPC's
+    Retry-After) when given."""
+    status = f'hdr grpc-status 14 hdr grpc-message "{message.replace(";", ",")}"'
+    return status if retry_after_s is None else f"{status} hdr grpc-retry-pushback-ms {retry_after_s * 1000}"
+
+
 def _grpc_rules(s: Shedding) -> list[str]:
-    # gRPC's trailers-only answer (Ray's template answers health checks the same way): UNAVAILABLE, and
-    # grpc-retry-pushback-ms, gRPC's Retry-After. A queue timeout's 503 gets the same headers (clients
-    # read it as UNAVAILABLE too).
-    status = (
-        f'hdr grpc-status 14 hdr grpc-message "{shed_message(s).replace(";", ",")}" '
-        f"hdr grpc-retry-pushback-ms {s.retry_after_s * 1000}"
-    )
+    # gRPC's trailers-only answer (Ray's template answers health checks the same way). A queue timeout's
+    # 503 and a dead replica's 502 get the same headers (clients read either status as UNAVAILABLE too).
+    shed = _grpc_status(shed_message(s), s.retry_after_s)
     return [
         f"    {MARK} at most {s.maxconn} streams per ingress replica, {s.queue} waiting at most "
         f"{s.queue_timeout_ms} ms; past either, UNAVAILABLE + grpc-retry-pushback-ms here (app/haproxy.py)",
         f"    timeout queue {s.queue_timeout_ms}ms",
-        f"    http-request return status 200 {status} if {{ queue() ge {s.queue} }}",
-        f"    http-error status 503 {status}",
+        f"    http-request return status 200 {shed} if {{ queue() ge {s.queue} }}",
+        f"    http-error status 503 {shed}",
+        f"    {MARK} a dead replica's unanswered call: UNAVAILABLE, not Ray's text 500 (UNKNOWN to gRPC)",
+        f"    http-error status 502 {_grpc_status(LOST_MESSAGE)}",
     ]
 
 
@@ -141,24 +169,20 @@ def _unrouted_rules(name: str, s: Shedding) -> list[str] | None:
     Ray's 404 "Path not found" / NOT_FOUND, which a client reads as "no such model" and never retries.
     None for any other backend."""
     message = unrouted_message(s)
-    kind = ERROR_TABLE[ModelNotReady]
     note = f"    {MARK} no application routed yet: 503 + Retry-After, not 404 (app/haproxy.py)"
     if name == "default_backend":
-        reply = f'content-type application/json hdr Retry-After {s.retry_after_s} lf-string "%[var(txn.rayinfer_shed)]"'
         return [
             note,
-            f"    http-request set-var-fmt(txn.rayinfer_shed) '{_body(openai_errors.error_body, message, kind)}'",
-            f"    http-request set-var-fmt(txn.rayinfer_shed) '{_body(oip_errors.error_body, message, kind)}' "
-            f"if {{ path {OIP_PREFIX} }} or {{ path_beg {OIP_PREFIX}/ }}",
-            f"    http-request return status 503 {reply}",
+            *_body_rules("rayinfer_shed", message, ERROR_TABLE[ModelNotReady], OIP_PREFIX),
+            f"    http-request return status 503 {_json_reply('rayinfer_shed', s.retry_after_s)}",
         ]
     if name == "default_grpc_backend":
         return [
             "    mode http",
             "    log global",
             note,
-            "    http-request return status 200 content-type application/grpc hdr grpc-status 14 "
-            f'hdr grpc-message "{message.replace(";", ",")}" hdr grpc-retry-pushback-ms {s.retry_after_s * 1000}',
+            "    http-request return status 200 content-type application/grpc "
+            f"{_grpc_status(message, s.retry_after_s)}",
         ]
     return None
 

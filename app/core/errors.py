@@ -62,6 +62,11 @@ class ReplicaLost(ModelNotReady):
     """The replica (or a pipeline stage) died under the request; running it again is safe."""
 
 
+class IngressLost(ServerError):
+    """The ingress replica holding the request died (or closed its connection) before answering. The
+    app never raises it: HAProxy answers it (502, app/haproxy.py); the request may have run."""
+
+
 class Overloaded(ServerError):
     """Queues are full; the client should retry after `retry_after_s`."""
 
@@ -101,6 +106,9 @@ ERROR_TABLE: dict[type[RayInferError], ErrorKind] = {
     ClientError: ErrorKind(400, "INVALID_ARGUMENT", _CLIENT, "invalid_request", "Invalid request"),
     ModelNotReady: ErrorKind(503, "UNAVAILABLE", _SERVER, "model_not_ready", "No model replica can answer yet"),
     Overloaded: ErrorKind(503, "UNAVAILABLE", _SERVER, "overloaded", "Overloaded; retry after `Retry-After` seconds"),
+    IngressLost: ErrorKind(
+        502, "UNAVAILABLE", _SERVER, "ingress_lost", "The ingress replica died under the request (HAProxy's answer)"
+    ),
     DeadlineExceeded: ErrorKind(
         504, "DEADLINE_EXCEEDED", _SERVER, "timeout", "Deadline exceeded; the work was cancelled"
     ),

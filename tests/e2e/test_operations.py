@@ -170,6 +170,8 @@ async def _complete(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
 async def _stream(client: httpx.AsyncClient, text: str) -> tuple[bool, str]:
     body = {"model": LM, "prompt": text, "max_tokens": 48, "stream": True}
     async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:  # an error body, not a stream
+            return False, f"{r.status_code} {(await r.aread()).decode(errors='replace')[:300]}"
         events = [line[len("data: ") :] async for line in r.aiter_lines() if line.startswith("data: ")]
     finished = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1] if "choices" in json.loads(e)]
     ok = r.status_code == 200 and events[-1:] == ["[DONE]"] and finished[-1:] in (["stop"], ["length"])
@@ -318,9 +320,11 @@ def two_ingresses(base: dict) -> dict:
 
 
 def _retriable(o: Outcome) -> bool:
-    """A failure a client can tell it may retry: a cut or refused connection, or 502/503 (HAProxy's own,
-    or the app's with Retry-After), never a 500 or a 404."""
-    return o.detail.split(":")[0] in CONNECTION_ERRORS or o.detail[:4] in ("502 ", "503 ")
+    """A failure a client can tell it may retry: a cut or refused connection, a 503 (HAProxy's own, or the
+    app's with Retry-After) or HAProxy's 502 for a replica that died under the request (`ingress_lost`,
+    app/haproxy.py), never a 500 or a 404."""
+    lost = o.detail.startswith("502 ") and '"ingress_lost"' in o.detail
+    return o.detail.split(":")[0] in CONNECTION_ERRORS or o.detail.startswith("503 ") or lost
 
 
 def _report(what: str, load: Load, **extra: object) -> list[Outcome]:

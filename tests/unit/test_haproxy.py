@@ -7,19 +7,30 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
+import httpx
 import pytest
+from ray._common.test_utils import wait_for_condition
 from ray.serve._private.common import RequestProtocol
 from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from app import haproxy
-from app.core.errors import ERROR_TABLE, ModelNotReady, Overloaded
+from app.core.errors import ERROR_TABLE, IngressLost, ModelNotReady, Overloaded
 from app.environment import SERVE_ENV
 from app.haproxy import Shedding, shed_config
 from app.ingress import error_bodies
+from app.oip.grpc import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from app.oip.rest import routes as oip_routes
 from tests.helpers import free_port
 
@@ -27,12 +38,22 @@ SHED = Shedding(maxconn=7, queue=5, queue_timeout_ms=300, retry_after_s=2)
 
 
 def ray_config(
-    tmp_path: Path, servers: int = 2, prefix: str = "/", port: int | None = None, routed: bool = True
+    tmp_path: Path,
+    servers: int = 2,
+    prefix: str = "/",
+    port: int | None = None,
+    routed: bool = True,
+    replica_port: int = 30000,
+    grpc_port: int | None = None,
+    grpc_replica_port: int = 40000,
 ) -> str:
     """What Serve's HAProxyManager writes for one application served over HTTP and gRPC (replicas on
-    127.0.0.1 ports 30000.., the head's Serve proxy as fallback), rendered by Ray's own code; with
-    `routed` False, what a new HAProxy starts from before Serve sends it any application."""
-    grpc = gRPCOptions(port=free_port(), grpc_servicer_functions=["app.oip.grpc.grpc_predict_v2_pb2_grpc.x"])
+    127.0.0.1 ports `replica_port`.. and `grpc_replica_port`.., the head's Serve proxy as fallback),
+    rendered by Ray's own code;
+    with `routed` False, what a new HAProxy starts from before Serve sends it any application."""
+    grpc = gRPCOptions(
+        port=grpc_port or free_port(), grpc_servicer_functions=["app.oip.grpc.grpc_predict_v2_pb2_grpc.x"]
+    )
     cfg = HAProxyConfig(
         http_options=HTTPOptions(host="127.0.0.1", port=port or free_port()),
         grpc_options=grpc,
@@ -48,7 +69,9 @@ def ray_config(
     if not routed:
         api._generate_config_file_internal()
         return Path(api.config_file_path).read_text()
-    replicas = [ServerConfig(f"SERVE_REPLICA--rayinfer-Ingress-{i}", "127.0.0.1", 30000 + i) for i in range(servers)]
+    replicas = [
+        ServerConfig(f"SERVE_REPLICA--rayinfer-Ingress-{i}", "127.0.0.1", replica_port + i) for i in range(servers)
+    ]
     fallback = ServerConfig("SERVE_PROXY_ACTOR-head", "127.0.0.1", 8500)
     api.set_backend_configs(
         {
@@ -63,7 +86,7 @@ def ray_config(
                 name="grpc-rayinfer",
                 path_prefix=prefix,
                 app_name="rayinfer",
-                servers=[ServerConfig(s.name, s.host, 40000 + i) for i, s in enumerate(replicas)],
+                servers=[ServerConfig(s.name, s.host, grpc_replica_port + i) for i, s in enumerate(replicas)],
                 protocol=RequestProtocol.GRPC,
             ),
         }
@@ -124,7 +147,7 @@ def test_503_bodies_are_the_apps_own_for_each_protocols_paths(tmp_path, prefix):
     for rule, path in ((openai_rule, "/v1/embeddings"), (oip_rule, "/v2/models/m/infer")):
         sent = json.loads(re.search(r"'(.*)'", rule).group(1))
         assert sent == bodies.body(path, message, kind)
-    replies = [line for line in body if "http-request return" in line or "http-error" in line]
+    replies = [line for line in body if "status 503" in line]
     assert len(replies) == 2 and all("hdr Retry-After 2" in line for line in replies), replies
 
 
@@ -189,3 +212,128 @@ def test_the_wrapper_bounds_the_config_in_place_then_runs_the_real_haproxy(tmp_p
     assert next(line for line in section(path.read_text(), "http-rayinfer") if "default-server" in line).endswith(
         " maxconn 7"
     )
+
+
+class _DyingReplica(BaseHTTPRequestHandler):
+    """An ingress replica that passes HAProxy's health check and dies under every request: it reads the
+    request and closes the connection without a byte back (what the kernel does for a SIGKILLed one)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "7")
+        self.end_headers()
+        self.wfile.write(b"success")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def dying_replica():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DyingReplica)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "m", "prompt": "hi"}),
+        ("/v1/embeddings", {"model": "m", "input": "hi"}),  # run again on every try, then the same 502
+        ("/v2/models/m/infer", {"inputs": []}),
+    ],
+)
+def test_a_replica_that_dies_under_a_request_is_a_502_in_its_protocols_body_not_rays_text_500(
+    tmp_path, dying_replica, path, body
+):
+    """The real HAProxy, on the changed config, in front of a replica that dies under each request. Ray's
+    template answers HAProxy's 502 with a text/plain "500 Internal Server Error" (`errorfile 502`),
+    which a client reads as a bug (the e2e SIGKILL test caught it on CI): the change makes it 502 with
+    the app's error body for the path's protocol, code `ingress_lost`."""
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(shed_config(ray_config(tmp_path, servers=1, port=port, replica_port=dying_replica), SHED))
+    with running_haproxy(config, port):
+        r = httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=30)
+    assert r.status_code == 502, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == error_bodies().body(path, haproxy.LOST_MESSAGE, ERROR_TABLE[IngressLost])
+
+
+def dying_grpc_replica(port: int) -> None:
+    """`python -c` body: a gRPC ingress replica on `port` that passes HAProxy's health check (Serve's
+    Healthz) and is SIGKILLed by the first inference call it gets."""
+    from concurrent import futures
+
+    import grpc
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    from app.oip.grpc import grpc_predict_v2_pb2_grpc as v2
+
+    class Health(serve_pb2_grpc.RayServeAPIServiceServicer):
+        def Healthz(self, request, context):
+            return serve_pb2.HealthzResponse(message="success")
+
+    class Dying(v2.GRPCInferenceServiceServicer):
+        def ServerLive(self, request, context):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    serve_pb2_grpc.add_RayServeAPIServiceServicer_to_server(Health(), server)
+    v2.add_GRPCInferenceServiceServicer_to_server(Dying(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def test_a_grpc_replica_that_dies_under_a_call_is_unavailable_not_rays_500(tmp_path):
+    """The same over gRPC, with grpcio's stub and its defaults: Ray's text 500 reads as UNKNOWN to a gRPC
+    client; the change makes it UNAVAILABLE (which gRPC's retry policies retry) with the message."""
+    replica, grpc_port = free_port(), free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        shed_config(ray_config(tmp_path, servers=1, grpc_port=grpc_port, grpc_replica_port=replica), SHED)
+    )
+    code = f"from tests.unit.test_haproxy import dying_grpc_replica; dying_grpc_replica({replica})"
+    dying = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_for_condition(lambda: _accepts(replica), timeout=60, retry_interval_ms=50)  # up before HAProxy's check
+        with running_haproxy(config, grpc_port), grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ServerLive(grpc_predict_v2_pb2.ServerLiveRequest(), timeout=30)
+        assert dying.wait(timeout=30) == -signal.SIGKILL, "the call reached the replica"
+    finally:
+        dying.kill()
+        dying.wait(timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (err.value.code(), err.value.details())
+    assert err.value.details() == haproxy.LOST_MESSAGE.replace(";", ",")
+
+
+@contextmanager
+def running_haproxy(config: Path, port: int) -> Iterator[None]:
+    """The HAProxy binary Serve runs, on `config`, until the block ends; it accepts on `port` first."""
+    proc = subprocess.Popen([haproxy.real_haproxy({}), "-db", "-f", str(config)])
+    try:
+        wait_for_condition(lambda: _accepts(port), timeout=30, retry_interval_ms=50)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
