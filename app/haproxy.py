@@ -43,6 +43,7 @@ import shutil
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from app.core.errors import ERROR_TABLE, ErrorKind, IngressLost, ModelNotReady, Overloaded
 from app.oip.rest import errors as oip_errors
@@ -278,8 +279,40 @@ def rewrite(path: str, s: Shedding) -> None:
             os.replace(tmp, path)
 
 
+def raylet_above(pid: int) -> int | None:
+    """The raylet `pid` descends from, or None: Serve's HAProxyManager, HAProxy's parent, is a Ray
+    worker, a child of its node's raylet."""
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == "raylet":
+            return pid
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the parent's pid
+    return None
+
+
+def at_raylets_nice() -> None:
+    """This process (HAProxy, once exec'd) at its raylet's nice. Ray starts its workers
+    `RAY_worker_niceness` (15) above the raylet, and HAProxy inherited that from Serve's manager: on a
+    busy node it waited for the CPU behind the model replicas it sheds for (README "Overload"). Ray's
+    own daemons (raylet, GCS) keep the raylet's nice; so does the first hop now. Without the right to
+    (CAP_SYS_NICE, which a container often lacks) it stays where it is, and says so."""
+    raylet = raylet_above(os.getpid())
+    if raylet is None:
+        return
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, raylet)
+        if nice < os.getpriority(os.PRIO_PROCESS, 0):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as exc:
+        print(f"rayinfer-haproxy: HAProxy stays at the Ray workers' nice: {exc!r}", file=sys.stderr)
+
+
 def main() -> None:
-    """`rayinfer-haproxy <haproxy arguments>`: bound the config Serve wrote, then become HAProxy."""
+    """`rayinfer-haproxy <haproxy arguments>`: bound the config Serve wrote, take the raylet's nice,
+    then become HAProxy."""
     args = sys.argv[1:]
     path = _config_path(args)
     try:
@@ -287,5 +320,6 @@ def main() -> None:
             rewrite(path, Shedding.from_env(os.environ))
     except Exception as exc:  # never stop HAProxy from starting: it would take the whole service down
         print(f"rayinfer-haproxy: HAProxy runs WITHOUT rayinfer's overload bound: {exc!r}", file=sys.stderr)
+    at_raylets_nice()
     binary = real_haproxy(os.environ)
     os.execv(binary, [binary, *args])

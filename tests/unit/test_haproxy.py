@@ -32,6 +32,7 @@ from app.haproxy import Shedding, shed_config
 from app.ingress import error_bodies
 from app.oip.grpc import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from app.oip.rest import routes as oip_routes
+from tests.harness import ROOT
 from tests.helpers import free_port
 
 SHED = Shedding(maxconn=7, queue=5, queue_timeout_ms=300, retry_after_s=2)
@@ -337,3 +338,22 @@ def _accepts(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking back a nice needs CAP_SYS_NICE")
+def test_haproxy_takes_its_raylets_nice_back_from_the_workers(tmp_path):
+    """Ray starts its workers 15 above the raylet's nice; HAProxy, started by one (Serve's manager), goes
+    back to the raylet's. Here: a process named raylet, its child 5 nicer running what the wrapper runs."""
+    raylet = tmp_path / "raylet"
+    raylet.symlink_to(sys.executable)
+    child = (
+        "import os; os.nice(5); before = os.nice(0); from app.haproxy import at_raylets_nice, raylet_above; "
+        "at_raylets_nice(); print(raylet_above(os.getpid()), before, os.nice(0))"
+    )
+    parent = (
+        f"import os, subprocess; print(os.getpid(), flush=True); subprocess.run([{sys.executable!r}, '-c', {child!r}])"
+    )
+    out = subprocess.run([str(raylet), "-I", "-c", parent], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    pid, (found, before, after) = out.stdout.split()[0], out.stdout.split()[1:]
+    assert (found, before, after) == (pid, str(os.nice(0) + 5), str(os.nice(0))), out
+    assert haproxy.raylet_above(os.getpid()) is None  # not under a raylet: nothing to take back
