@@ -26,7 +26,8 @@ While the config has no application backend at all (a new HAProxy's first config
 it the routes: about a second after Serve replaces a dead HAProxy), Ray's catch-all backends answer
 503 + Retry-After (gRPC: UNAVAILABLE) instead of 404 "Path not found", which clients do not retry.
 
-It then execs the real HAProxy with the same arguments (same pid, so Serve manages it as before).
+It then takes back its raylet's nice (`at_raylets_nice`) and execs the real HAProxy with the same
+arguments (same pid, so Serve manages it as before).
 If the config is not what this expects, it says so on stderr (Serve's HAProxy log) and runs HAProxy
 unchanged: a Ray upgrade can lose the shedding, never the service (tests/unit/test_haproxy.py renders
 Ray's own template to catch that first).
@@ -56,7 +57,7 @@ OIP_PREFIX = "/v2"  # app/oip/rest/routes.py PREFIX; tests/unit/test_haproxy.py 
 
 @dataclass(frozen=True)
 class Shedding:
-    """The bound per ingress replica and HAProxy's queue in front of it (README "Overload")."""
+    """The bound per ingress replica and HAProxy's queue in front of it (README "Reliability", the burst)."""
 
     maxconn: int = 128  # requests inside one ingress replica at once (<= the app's max_inflight_requests)
     queue: int = 64  # requests waiting in HAProxy for a slot, all replicas together
@@ -296,9 +297,10 @@ def raylet_above(pid: int) -> int | None:
 def at_raylets_nice() -> None:
     """This process (HAProxy, once exec'd) at its raylet's nice. Ray starts its workers
     `RAY_worker_niceness` (15) above the raylet, and HAProxy inherited that from Serve's manager: on a
-    busy node it waited for the CPU behind the model replicas it sheds for (README "Overload"). Ray's
-    own daemons (raylet, GCS) keep the raylet's nice; so does the first hop now. Without the right to
-    (CAP_SYS_NICE, which a container often lacks) it stays where it is, and says so."""
+    busy node it competed for the CPU, as an equal, with the model replicas it sheds for (README
+    "Reliability", measured there). Ray's own daemons (raylet, GCS) keep the raylet's nice; so does the
+    first hop now. Without the right to (CAP_SYS_NICE, which a container often lacks) it stays where it
+    is, and says so."""
     raylet = raylet_above(os.getpid())
     if raylet is None:
         return
