@@ -3,6 +3,8 @@ model-level tests (tests/unit, tests/gpu) import it anywhere torch runs."""
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,23 @@ SERVE_CONFIG = ROOT / "serve_config.yaml"
 MODEL = "all-MiniLM-L6-v2"
 
 
+_GIVEN: set[int] = set()  # ports this process handed out already
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to, from below the kernel's ephemeral range (ip_local_port_range). One
+    the kernel picks (bind to 0) is ephemeral: any outgoing connection can take it before the server
+    binds it, which once stopped a test cluster's HAProxy (Address already in use)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    while True:
+        port = 10000 + secrets.randbelow(max(ephemeral_low - 10000, 1000))
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("", port))  # every address: taken if anything holds the port on any of them
+            _GIVEN.add(port)
+            return port
 
 
 def cosine(a: Any, b: Any) -> np.ndarray:
