@@ -17,16 +17,17 @@ MODEL = "all-MiniLM-L6-v2"
 
 
 _GIVEN: set[int] = set()  # ports this process handed out already
+RAY_WORKER_PORTS_END = 20000  # Ray's workers take ports 10002-19999 (min/max_worker_port); Ray refuses others there
 
 
 def free_port() -> int:
-    """A port nothing is bound to, from below the kernel's ephemeral range (ip_local_port_range). One
-    the kernel picks (bind to 0) is ephemeral: any outgoing connection can take it before the server
-    binds it, which once stopped a test cluster's HAProxy (Address already in use)."""
+    """A port nothing is bound to, between Ray's worker ports and the kernel's ephemeral range
+    (ip_local_port_range). One the kernel picks (bind to 0) is ephemeral: any outgoing connection can
+    take it before the server binds it, which once stopped a test cluster's HAProxy (Address already in use)."""
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         ephemeral_low = int(f.read().split()[0])
     while True:
-        port = 10000 + secrets.randbelow(max(ephemeral_low - 10000, 1000))
+        port = RAY_WORKER_PORTS_END + secrets.randbelow(max(ephemeral_low - RAY_WORKER_PORTS_END, 1000))
         if port in _GIVEN:
             continue
         with socket.socket() as s, contextlib.suppress(OSError):
