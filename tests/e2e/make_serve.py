@@ -87,14 +87,22 @@ def _start(setting: dict, name: str, config: str, ready_s: float) -> Run:
     run = Run(make, log, [])
     [run.front] = psutil.Process(make.pid).children()
     [run.supervisor] = run.front.children()
-    run.serve = next(p for p in run.supervisor.children() if "serve" in " ".join(p.cmdline()))
+    run.serve = next(p for p in run.supervisor.children() if "serve" in _cmdline(p))
     run.run_id = run.supervisor.environ()[procs.RUN_ID_VAR]
     run.tree = [psutil.Process(make.pid), run.front, run.supervisor, *procs.run_members(run.run_id, run.supervisor.pid)]
     record = yaml.safe_load(next(Path(setting["env"]["RAYINFER_STATE_DIR"]).glob("*.json")).read_text())
     run.ports = [int(p) for p in record["ports"]]
     assert len(run.ports) == 6  # HTTP, gRPC, HAProxy's stats and metrics, the fallback proxy's two
-    assert any("haproxy" in " ".join(p.cmdline()) for p in run.tree), "HAProxy is part of the run"
+    assert any("haproxy" in _cmdline(p) for p in run.tree), "HAProxy is part of the run"
     return run
+
+
+def _cmdline(p: psutil.Process) -> str:
+    """A process's command line; "" for one that exited since the tree was listed (an old HAProxy
+    that a reload retired, a one-off Ray worker)."""
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+        return " ".join(p.cmdline())
+    return ""
 
 
 def answers_200(url: str) -> bool:
