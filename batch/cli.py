@@ -90,6 +90,7 @@ def _common(p: argparse.ArgumentParser, value_field: str, value_help: str) -> No
     p.add_argument("--tokenize-cpus", type=float, default=1.0, help="CPUs per tokenize (or read) task")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--dashboard", action="store_true", help="start the job's own local cluster with Ray's dashboard")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides=Overrides(args.num_cpus, args.num_gpus, args.num_threads, args.concurrency, args.calls),
         address=args.address,
         progress=args.progress,
+        dashboard=args.dashboard,
     )
     if args.task == "generate":
         job.sampling = SamplingParams(

@@ -40,12 +40,11 @@ def start_counter() -> ActorHandle:
 
 
 class JobProgress:
-    """Polls the job's RowCounter on a thread while the job runs; `total` is an estimate (JSONL/CSV: lines)."""
+    """Polls the job's RowCounter on a thread while the job runs; `total` is an estimate (JSONL/CSV: lines).
+    Without a counter (`--no-progress`) it does nothing."""
 
-    def __init__(
-        self, counter: ActorHandle, total: int, enabled: bool = True, log_every_s: float = 30.0, poll_s: float = 0.5
-    ):
-        self.counter, self.total, self.enabled = counter, max(total, 0), enabled
+    def __init__(self, counter: ActorHandle | None, total: int, log_every_s: float = 30.0, poll_s: float = 0.5):
+        self.counter, self.total, self.enabled = counter, max(total, 0), counter is not None
         self.log_every_s, self.poll_s = log_every_s, poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batch-progress", daemon=True)
@@ -88,20 +87,26 @@ class JobProgress:
     def _log(self) -> None:
         start = time.monotonic()
         while not self._stop.wait(self.log_every_s):
-            done = self._safe_count()
-            elapsed = time.monotonic() - start
-            rate = done / elapsed if elapsed else 0.0
-            eta = (self.total - done) / rate if rate and self.total > done else 0.0
-            logger.info(
-                "%s/%s rows, %.0f rows/s, elapsed %.0f s, ETA %.0f s",
-                f"{done:,}",
-                f"{self.total:,}",
-                rate,
-                elapsed,
-                eta,
-            )
+            self._log_line(start)
+        self._log_line(start)  # where it ended
+
+    def _log_line(self, start: float) -> None:
+        done = self._safe_count()
+        elapsed = time.monotonic() - start
+        rate = done / elapsed if elapsed else 0.0
+        eta = (self.total - done) / rate if rate and self.total > done else 0.0
+        logger.info(
+            "%s/%s rows, %.0f rows/s, elapsed %.0f s, ETA %.0f s",
+            f"{done:,}",
+            f"{self.total:,}",
+            rate,
+            elapsed,
+            eta,
+        )
 
     def _safe_count(self) -> int:
+        if self.counter is None:
+            return 0
         try:
             return cast(int, ray.get(self.counter.get.remote(), timeout=10))
         except ray.exceptions.RayError:  # the counter is gone at shutdown: progress is cosmetic

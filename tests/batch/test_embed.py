@@ -53,7 +53,7 @@ def job(input_path, out: Path, **kw) -> Job:
         input=str(input_path),
         output=out,
         config=kw.pop("config", SERVE_CONFIG),
-        progress=False,
+        progress=kw.pop("progress", False),
         **kw,
     )
 
@@ -65,7 +65,7 @@ def assert_vectors(got: dict, keys, ids, model: EmbeddingModel) -> None:
     np.testing.assert_allclose(np.stack([got[k] for k in keys]), expected, atol=1e-5)
 
 
-def test_jsonl_file_bad_rows_go_to_the_errors_file(cluster, tmp_path, model, reference):
+def test_jsonl_file_bad_rows_go_to_the_errors_file(cluster, tmp_path, model, reference, caplog):
     path = write_jsonl(
         tmp_path / "in.jsonl",
         range(120),
@@ -78,8 +78,15 @@ def test_jsonl_file_bad_rows_go_to_the_errors_file(cluster, tmp_path, model, ref
             json.dumps({"id": [1], "text": "a list for an id"}),
         ],
     )
-    summary = run(job(path, tmp_path / "out"))
+    with caplog.at_level("INFO", logger="batch"):
+        summary = run(job(path, tmp_path / "out", progress=True))  # the progress counter's path too
     assert (summary.rows_written, summary.errors_written, summary.errors_total) == (120, 3, 6)
+    # Its last line (a log here: no terminal) counts rows out of the model, over the input's 126 lines;
+    # the model's updates are fire-and-forget, so the last of them may not have landed yet.
+    last = [r.getMessage() for r in caplog.records if "/126 rows" in r.getMessage()][-1]
+    assert int(last.split("/")[0].replace(",", "")) <= 123
+    # and the job kills its counter actor (ray.kill is asynchronous: the state API sees it go)
+    wait_for_condition(lambda: not list_actors(filters=[("class_name", "=", "RowCounter"), ("state", "=", "ALIVE")]))
     got = read_output(tmp_path / "out")
     assert_vectors(got, [str(i) for i in range(120)], range(120), model)
     assert cosine(np.stack([got[str(i)] for i in range(50)]), reference(texts(range(50)))).min() >= 0.9999
