@@ -9,13 +9,13 @@ config's `runtime` (torch, or the same weights on ONNX Runtime, exported once in
 by models/onnx_encoder.py, as the online service loads it), and for a
 model with `pipeline_stages > 1` models/encoder_stages.py's stages, one actor pool each, the
 hidden states of each row going to the next pool in the dataset. A row that already carries an
-error passes through every stage untouched.
+error passes through every stage untouched. The tokenize tasks run batch/tokens.py, which imports
+neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,32 +28,29 @@ from ray.actor import ActorHandle
 from ray.data import ActorPoolStrategy
 
 from app.config import ModelConfig
-from batch.sources import ERROR, VALUE
+from batch.sources import ERROR
 from batch.spec import Pool
+from batch.tokens import TOKENS, EmbedJob, full_tokenizer, tokenize
 from models.embedding import EmbeddingModel
-from models.encoder_stages import load_encoder_stage, run_rows
+from models.fast_tokens import encode, load_fast_tokenizer
 
-TOKENS = "_tokens"  # token ids (list<int32>) out of the tokenizer
 HIDDEN = "_hidden"  # a row's hidden states between stages, flattened [T * H] (list<float32>)
 EMBEDDING = "embedding"
-
-
-@dataclass(frozen=True)
-class EmbedJob:
-    """What every stage of an embedding job needs to know (picklable: it goes to each task and actor)."""
-
-    name: str
-    path: str  # the checkpoint directory
-    id_field: str
-    max_input_tokens: int | None
-    truncate: bool
-    chunk_size: int  # rows per forward pass (the model's max_batch_size)
-    device: str  # "auto", "cpu" or "cuda"
-    runtime: str = "torch"  # "torch" or "onnx" (the config's; a split model is torch)
+# Texts whose ids tokenizer.json alone must give as AutoTokenizer does before the tasks use it.
+PROBES = (
+    "Hello, world!",
+    "  Leading and trailing spaces, TABS\tand\nnewlines  ",
+    "Ünïcödé naïve café, Straße, 東京の天気は晴れ, Москва, مرحبا بالعالم, 🤖🚀",
+    "def embed(texts: list[str]) -> np.ndarray:\n    return model.encode(texts)  # code",
+    "word " * 600,
+    "",
+)
 
 
 def embed_job(cfg: ModelConfig, path: str, id_field: str = "id", truncate: bool = False) -> EmbedJob:
     """The job of model `cfg` (checkpoint at `path`) as its online config runs it."""
+    model = full_tokenizer(path, cfg.max_input_tokens)
+    fast = load_fast_tokenizer(Path(path))
     return EmbedJob(
         name=cfg.name,
         path=path,
@@ -63,35 +60,9 @@ def embed_job(cfg: ModelConfig, path: str, id_field: str = "id", truncate: bool 
         chunk_size=cfg.max_batch_size,
         device=cfg.device,
         runtime=cfg.runtime,
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str, max_input_tokens: int | None) -> EmbeddingModel:
-    return EmbeddingModel(Path(path), weights=False, max_input_tokens=max_input_tokens)
-
-
-def tokenize(batch: pa.Table, job: EmbedJob) -> pa.Table:
-    """Token ids for the good rows; an over-long text is cut (`truncate`) or becomes an error."""
-    model = _tokenizer(job.path, job.max_input_tokens)
-    errors = batch[ERROR].to_pylist()
-    todo = [i for i, e in enumerate(errors) if e is None]
-    texts = batch[VALUE].to_pylist()
-    tokens: list[list[int] | None] = [None] * len(errors)
-    for i, ids in zip(todo, model.tokenize([texts[i] for i in todo]) if todo else []):
-        if len(ids) <= model.max_tokens or job.truncate:
-            tokens[i] = model.truncate(ids)
-        else:
-            errors[i] = (
-                f"text has {len(ids)} tokens; model {job.name!r} accepts at most {model.max_tokens} "
-                "(shorten it, or run with --truncate)"
-            )
-    return pa.table(
-        {
-            job.id_field: batch[job.id_field],
-            TOKENS: pa.array(tokens, pa.list_(pa.int32())),
-            ERROR: pa.array(errors, pa.string()),
-        }
+        max_tokens=model.max_tokens,
+        keep_last=model.keep_last,
+        fast_tokenizer=fast is not None and encode(fast, list(PROBES)) == model.tokenize(list(PROBES)),
     )
 
 
@@ -101,10 +72,12 @@ def _device(job: EmbedJob, pool: Pool) -> str:
     return "cuda" if pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def load_model(job: EmbedJob, pool: Pool) -> EmbeddingModel:
+def load_model(job: EmbedJob, pool: Pool, tokenizer: bool = True) -> EmbeddingModel:
     """The whole model as the online service loads it (deployments/embedder.py, load_model): the config's
     runtime on each call's share of the pool's threads (torch's are process-wide, ONNX Runtime's per
-    session). The raw limit and the Celery peer of the benchmark load it through here too."""
+    session). The raw limit and the Celery peer of the benchmark load it through here too. The job's
+    actors are given token ids: without the tokenizer, an ONNX Runtime model loads without importing
+    transformers (the actor's first batch came ~7 s sooner here)."""
     torch.set_num_threads(pool.threads_per_call)
     return EmbeddingModel(
         Path(job.path),
@@ -112,6 +85,7 @@ def load_model(job: EmbedJob, pool: Pool) -> EmbeddingModel:
         max_input_tokens=job.max_input_tokens,
         runtime=job.runtime,
         threads=pool.threads_per_call,
+        tokenizer=tokenizer,
     )
 
 
@@ -121,7 +95,7 @@ class WholeModel:
 
     def __init__(self, job: EmbedJob, pool: Pool, counter: ActorHandle | None = None):
         self.job, self.counter = job, counter
-        self.model = load_model(job, pool)
+        self.model = load_model(job, pool, tokenizer=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = _good(batch)
@@ -140,8 +114,10 @@ class EncoderStagePool:
         if pool.layers is None:
             raise ValueError(f"{pool.name}: a stage pool needs its layer range")
         start, end = pool.layers
+        from models.encoder_stages import load_encoder_stage  # transformers: only where a split model runs
+
         self.stage = load_encoder_stage(Path(job.path), start, end, device=_device(job, pool))
-        tokenizer = _tokenizer(job.path, job.max_input_tokens)
+        tokenizer = full_tokenizer(job.path, job.max_input_tokens)
         self.pad_id, self.dim = tokenizer.pad_id, tokenizer.dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -150,6 +126,8 @@ class EncoderStagePool:
             rows = [np.asarray(t, dtype=np.int64) for t in batch[TOKENS].filter(good).to_pylist()]
         else:
             rows = [h.reshape(-1, self.dim) for h in _flat_rows(batch[HIDDEN].filter(good))]
+        from models.encoder_stages import run_rows
+
         out = run_rows(self.stage, rows, self.job.chunk_size, self.pad_id) if rows else []
         if self.last:
             _count(self.counter, batch.num_rows)

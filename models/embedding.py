@@ -14,11 +14,13 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from models.fast_tokens import truncate_ids
 
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 
@@ -94,6 +96,30 @@ class EncoderStage:
         return Hidden(hidden, x.mask)
 
 
+def _auto(name: str) -> Any:
+    """transformers' Auto class `name`, imported when first needed: importing transformers took ~7 s
+    of CPU here, which a process that only computes token ids it is given (the batch job's model
+    actor, with tokenizer=False on ONNX Runtime) does without."""
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _config(path: Path, raw: bool) -> Any:
+    """The checkpoint's config: config.json itself (a dict) where `raw` and it has the sizes this code
+    reads, else transformers' AutoConfig (its defaults and aliases fill what the file leaves out)."""
+    file = path / "config.json"
+    if raw and file.is_file():
+        config = json.loads(file.read_text())
+        if {"hidden_size", "vocab_size"} <= config.keys():
+            return config
+    return _auto("AutoConfig").from_pretrained(path)
+
+
+def _get(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
 class EmbeddingModel:
     """A tokenizer over a chain of encoder stages: the whole model as one stage, or a pipeline's stages.
 
@@ -113,11 +139,12 @@ class EmbeddingModel:
         runtime: str = "torch",
         threads: int = 1,
         dtype: str = "float32",
+        tokenizer: bool = True,
     ):
         self.path = Path(path)
         self.device = torch.device(device)
         self.spec = read_pooling_spec(self.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer = _auto("AutoTokenizer").from_pretrained(self.path) if tokenizer else None
         self.model = None
         if weights and not stages and runtime == "onnx":
             from models.onnx_encoder import OnnxEncoder  # imports this module: loaded only when asked for
@@ -125,26 +152,34 @@ class EmbeddingModel:
             stages = [OnnxEncoder(self.path, self.spec, threads)]
         elif weights and not stages:
             weights_dtype = getattr(torch, dtype)  # float32, bfloat16, float16; pooling is in float32
-            self.model = AutoModel.from_pretrained(self.path, dtype=weights_dtype).to(self.device).eval()
+            self.model = _auto("AutoModel").from_pretrained(self.path, dtype=weights_dtype).to(self.device).eval()
         self.stages = stages or ([EncoderStage(self.model, self.spec, self.device, True, True)] if self.model else [])
-        config = self.model.config if self.model is not None else AutoConfig.from_pretrained(self.path)
-        model_limit = getattr(config, "max_position_embeddings", None) or 512
+        config = self.model.config if self.model is not None else _config(self.path, self.tokenizer is None)
+        model_limit = _get(config, "max_position_embeddings") or 512
         self.max_tokens = min(x for x in (max_input_tokens, self.spec.max_seq_length, model_limit) if x)
-        self.dim = int(config.hidden_size)
-        self.vocab_size = len(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.dim = int(_get(config, "hidden_size"))
+        self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else int(_get(config, "vocab_size"))
+        # Padding is masked: the id only fills the tensor (without a tokenizer: the config's).
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else _get(config, "pad_token_id")
+        self.pad_id = pad or 0
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids with special tokens, untruncated (limits are the caller's call)."""
-        return self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return self._tokenizer()(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+
+    @property
+    def keep_last(self) -> bool:
+        """Whether truncation keeps the final token: the tokenizer adds a closing special token."""
+        return bool(self._tokenizer().num_special_tokens_to_add(pair=False) >= 2)
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise RuntimeError("this EmbeddingModel was loaded without its tokenizer (tokenizer=False)")
+        return self.tokenizer
 
     def truncate(self, ids: list[int]) -> list[int]:
         """Cut to the limit keeping the final special token, as the tokenizer's truncation does."""
-        if len(ids) <= self.max_tokens:
-            return ids
-        n_special = self.tokenizer.num_special_tokens_to_add(pair=False)
-        tail = ids[-1:] if n_special >= 2 else []
-        return ids[: self.max_tokens - len(tail)] + tail
+        return truncate_ids(ids, self.max_tokens, self.keep_last)
 
     def padded(self, batch: list[list[int]], chunk_size: int = 64) -> Iterator[tuple[list[int], Hidden]]:
         """The batch sorted by length in chunks, each padded to its longest: (positions in `batch`, ids and mask).

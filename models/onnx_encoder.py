@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel
 
 from models.embedding import Hidden, PoolingSpec, pool
 
@@ -41,6 +40,8 @@ def exported(checkpoint: Path, cache: Path = CACHE) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModel  # only to export, once per checkpoint
+
     model = _LastHiddenState(AutoModel.from_pretrained(checkpoint).eval())
     ids = torch.ones((2, 8), dtype=torch.long)
     axes = {0: "batch", 1: "tokens"}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -209,3 +211,48 @@ def test_generate_rows_take_a_prompt_or_else_a_chat():
     assert table[ERROR].to_pylist()[2:] == [
         'prompt: expected a string, or a list of {"role": ..., "content": ...} messages'
     ] * 2 + ["missing prompt"]
+
+
+def test_tokenize_tasks_give_the_online_tokenizers_ids_without_torch_or_transformers(bundled_path):
+    """The tokenize stage's fast path (tokenizer.json on `tokenizers`) against AutoTokenizer, on varied
+    text; and a process that only tokenizes imports neither torch nor transformers."""
+    from batch.embed import embed_job
+    from batch.tokens import TOKENS, tokenize
+    from tests.helpers import varied_texts
+
+    cfg = ModelConfig(name="m", task="embed", source=str(bundled_path), max_input_tokens=64)
+    job = embed_job(cfg, str(bundled_path))
+    assert job.fast_tokenizer and job.max_tokens == 64
+    whole = EmbeddingModel(bundled_path, weights=False, max_input_tokens=64)
+    texts = varied_texts()
+    full = whole.tokenize(texts)
+    assert max(len(ids) for ids in full) > 64  # some are cut (closing token kept), or refused
+    table = pa.table({"id": list(range(len(texts))), VALUE: texts, ERROR: pa.nulls(len(texts), pa.string())})
+    assert tokenize(table, replace(job, truncate=True))[TOKENS].to_pylist() == [whole.truncate(ids) for ids in full]
+    assert [e is None for e in tokenize(table, job)[ERROR].to_pylist()] == [len(ids) <= 64 for ids in full]
+    fields = {k: getattr(job, k) for k in job.__dataclass_fields__}
+    probe = (
+        "import sys, pyarrow as pa; from batch.tokens import TOKENS, EmbedJob, tokenize; "
+        "from batch.sources import VALUE, ERROR; "
+        f"t = tokenize(pa.table({{'id': [1], VALUE: ['hello world'], ERROR: pa.nulls(1, pa.string())}}), "
+        f"EmbedJob(**{fields!r})); "
+        "print(t[TOKENS].to_pylist()[0], 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["False", "False"], out
+    assert out.rsplit(" ", 2)[0] == str(whole.tokenize(["hello world"])[0])
+
+
+def test_the_fast_path_is_refused_where_tokenizer_json_disagrees_or_is_missing(bundled_path, tmp_path, monkeypatch):
+    import shutil
+
+    import batch.embed
+    from batch.embed import embed_job
+
+    cfg = ModelConfig(name="m", task="embed", source=str(bundled_path))
+    monkeypatch.setattr(batch.embed, "encode", lambda tok, texts: [e.ids[1:] for e in tok.encode_batch(texts)])
+    assert not embed_job(cfg, str(bundled_path)).fast_tokenizer
+    monkeypatch.undo()
+    shutil.copytree(bundled_path, tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()  # AutoTokenizer builds it from vocab.txt
+    assert not embed_job(cfg, str(tmp_path / "m")).fast_tokenizer
