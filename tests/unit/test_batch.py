@@ -7,7 +7,7 @@ import io
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -230,7 +230,7 @@ def test_tokenize_tasks_give_the_online_tokenizers_ids_without_torch_or_transfor
     table = pa.table({"id": list(range(len(texts))), VALUE: texts, ERROR: pa.nulls(len(texts), pa.string())})
     assert tokenize(table, replace(job, truncate=True))[TOKENS].to_pylist() == [whole.truncate(ids) for ids in full]
     assert [e is None for e in tokenize(table, job)[ERROR].to_pylist()] == [len(ids) <= 64 for ids in full]
-    fields = {k: getattr(job, k) for k in job.__dataclass_fields__}
+    fields = asdict(job)
     probe = (
         "import sys, pyarrow as pa; from batch.tokens import TOKENS, EmbedJob, tokenize; "
         "from batch.sources import VALUE, ERROR; "
