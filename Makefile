@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve status test test-unit test-service test-ops test-batch lint bench soak clean protos kuberay tools
+.PHONY: setup serve status test test-unit test-service test-ops lint bench soak clean protos kuberay tools
 
 SMOLLM2 := artifacts/models/smollm2-135m-instruct
 
@@ -52,21 +52,16 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # Two pytest runs: the end-to-end tests start their own `serve run` cluster, which must
-# not share a machine-wide Ray session with the integration tests' cluster. Beyond make test's
+# not share a machine-wide Ray session with the first run's cluster (the integration tests' Serve
+# instance, which the batch tests' Ray Data jobs also run on: tests/conftest.py). Beyond make test's
 # 20-minute budget, each its own target that .ci/run also calls: the service tests (marked `service`,
-# `make test-service`: seven `make serve` starts and stops and two Ray heads, ~9 min), the operations
-# tests (marked `ops`, `make test-ops`: rolling update, SIGKILLs and the GCS kill under load, ~15 min)
-# and the batch tests (`make test-batch`: python -m batch on its own Ray Data cluster, ~7 min).
+# `make test-service`: seven `make serve` starts and stops and two Ray heads, ~9 min) and the operations
+# tests (marked `ops`, `make test-ops`: rolling update, SIGKILLs and the GCS kill under load, ~15 min).
 # Nothing skips silently: a missing Prometheus stops here (tests/integration/test_prometheus.py needs it),
 # and -rs prints every skip's reason (only the `gpu` tests skip, without CUDA).
 test: setup lint tools
-	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu
+	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu tests/batch
 	$(PY) -m pytest -q -rs -m "not service and not ops" tests/e2e
-
-# python -m batch on its own Ray cluster (tests/batch; README "Offline batch inference"): 12 tests,
-# ~7 min quiet, beyond make test's budget; .ci/run runs it after make test.
-test-batch: setup
-	$(PY) -m pytest -q -rs tests/batch
 
 # `make serve` as a service (tests/e2e/test_service.py; README "Starting and stopping"): every
 # signal to every process of it, a crash, leftovers, a foreign port holder; the systemd unit's command.

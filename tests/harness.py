@@ -343,6 +343,10 @@ def process_tree(root: int) -> set[int]:
     return tree
 
 
+# Ray's agents' process titles (ray._private.ray_constants.AGENT_PROCESS_LIST).
+RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClusterSnapshot:
     """The processes of a driver's own cluster, taken while the driver lives."""
@@ -366,6 +370,13 @@ class ClusterSnapshot:
         for pid in seeds:
             alive |= process_tree(pid)
         return alive
+
+    def leftovers_but_agents(self) -> set[int]:
+        """leftovers() but Ray's dashboard and runtime-env agents. When their raylet dies unexpectedly
+        (SIGKILLed with its driver: Ray's fate-sharing), each outlives it by 60 s: it reports the death to
+        the (dead) GCS with a 60 s timeout (ray._private.utils.publish_error_to_driver: hard-coded).
+        They run no task and write nothing; every other process is gone within seconds."""
+        return {pid for pid in self.leftovers() if not _read(f"/proc/{pid}/cmdline").startswith(RAY_AGENTS)}
 
 
 def _read(path: str) -> bytes:

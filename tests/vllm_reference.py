@@ -10,6 +10,8 @@ process), one JSON list of cases on stdin, one JSON list of results on stdout:
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +22,23 @@ from models.loader import resolve_source
 from models.vllm_engine import engine_env, engine_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
+LM = "SmolLM2-135M-Instruct"
+PROMPT = "Serving models online is"
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+# What the tests compare with vLLM's offline engine, by name: the served API's (tests/integration/
+# test_completions_api.py) and `python -m batch generate`'s (tests/batch/test_generate.py). One
+# offline engine answers them all, once a session (the `vllm_offline` fixture, tests/conftest.py).
+CASES = {
+    "greedy_completion": {"prompt": PROMPT, "params": {"max_tokens": 30, "temperature": 0}},
+    "greedy_chat": {"messages": QUESTION, "params": {"max_tokens": 30, "temperature": 0}},
+    "chat_logprobs": {"messages": QUESTION, "params": {"max_tokens": 12, "temperature": 0, "logprobs": 3}},
+    "completion_logprobs": {"prompt": PROMPT, "params": {"max_tokens": 10, "temperature": 0, "logprobs": 2}},
+    "penalties": {
+        "prompt": PROMPT,
+        "params": {"max_tokens": 40, "temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 1.0},
+    },
+    "seeded": {"prompt": PROMPT, "params": {"max_tokens": 20, "temperature": 0.9, "top_p": 0.9, "seed": 7}},
+}
 
 
 def served_model(name: str, config_file: str = "serve_config.yaml"):
@@ -28,9 +47,24 @@ def served_model(name: str, config_file: str = "serve_config.yaml"):
     return next(m for m in AppConfig.model_validate(app["args"]).models if m.name == name)
 
 
-def main() -> None:
-    import os
+def offline(model: str, cases: dict[str, dict]) -> dict[str, dict]:
+    """vLLM's offline results for `cases` (name → case), by name: this module in a child process."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.vllm_reference", model],
+        input=json.dumps(list(cases.values())),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    line = next((x for x in run.stdout.splitlines() if x.startswith("REFERENCE ")), None)
+    assert line is not None, run.stderr[-3000:]
+    return dict(zip(cases, json.loads(line.removeprefix("REFERENCE ")), strict=True))
 
+
+def main() -> None:
     from vllm import LLM, SamplingParams
 
     cfg = served_model(sys.argv[1])

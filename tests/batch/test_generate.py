@@ -1,13 +1,10 @@
 """`python -m batch generate` in-process on the session's Ray cluster: prompts and chats through vLLM,
-compared with vLLM's offline engine on the same checkpoint and engine arguments (tests/vllm_reference.py,
-the reference the online Generator's tests use); bad rows in the errors file."""
+compared with vLLM's offline engine on the same checkpoint and engine arguments (tests/vllm_reference.py:
+the same results the online Generator's tests compare with); bad rows in the errors file."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,33 +12,16 @@ import pytest
 from batch.run import Job, run
 from models.params import SamplingParams
 from tests.batch.data import read_errors
-from tests.helpers import ROOT, SERVE_CONFIG
+from tests.helpers import SERVE_CONFIG
+from tests.vllm_reference import CASES, LM, PROMPT, QUESTION
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two vLLM engines start: minutes on 2 loaded cores
-LM = "SmolLM2-135M-Instruct"
-PROMPT = "Serving models online is"
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-GREEDY = {"max_tokens": 30, "temperature": 0}
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a vLLM engine starts: minutes on 2 loaded cores
+GREEDY = CASES["greedy_completion"]["params"]  # and greedy_chat's: the reference's two greedy cases
 
 
-def offline(cases: list[dict]) -> list[dict]:
-    """vLLM's offline engine on `cases`, one at a time, in a child process."""
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.vllm_reference", LM],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("REFERENCE ")), None)
-    assert line is not None, done.stderr[-3000:]
-    return json.loads(line.removeprefix("REFERENCE "))
-
-
-def test_prompts_and_chats_equal_vllm_offline_and_bad_rows_are_recorded(cluster, tmp_path):
-    reference = offline([{"prompt": PROMPT, "params": GREEDY}, {"messages": QUESTION, "params": GREEDY}])
+def test_prompts_and_chats_equal_vllm_offline_and_bad_rows_are_recorded(vllm_offline, cluster, tmp_path):
+    assert CASES["greedy_chat"] == {"messages": QUESTION, "params": GREEDY}
+    reference = [vllm_offline["greedy_completion"], vllm_offline["greedy_chat"]]
     rows = [
         {"id": "completion", "prompt": PROMPT},
         {"id": "chat", "messages": QUESTION},

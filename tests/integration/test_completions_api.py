@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,27 +18,13 @@ from ray._common.test_utils import wait_for_condition
 from app.core.errors import DeadlineExceeded
 from deployments.types import GenerateJob
 from models.params import SamplingParams
+from tests.vllm_reference import LM, PROMPT, QUESTION
 
 # The first test here may start the session's cluster (a vLLM engine: minutes on a loaded 2-core machine)
 # and the offline reference engine.
 pytestmark = pytest.mark.timeout(900)
-LM = "SmolLM2-135M-Instruct"
 APP = "rayinfer"
-PROMPT = "Serving models online is"
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 CONTEXT = 2048  # serve_config.yaml's max_input_tokens for the model
-# What the served tests compare with vLLM's offline engine: (name, case). One offline engine serves them all.
-CASES = {
-    "greedy_completion": {"prompt": PROMPT, "params": {"max_tokens": 30, "temperature": 0}},
-    "greedy_chat": {"messages": QUESTION, "params": {"max_tokens": 30, "temperature": 0}},
-    "chat_logprobs": {"messages": QUESTION, "params": {"max_tokens": 12, "temperature": 0, "logprobs": 3}},
-    "completion_logprobs": {"prompt": PROMPT, "params": {"max_tokens": 10, "temperature": 0, "logprobs": 2}},
-    "penalties": {
-        "prompt": PROMPT,
-        "params": {"max_tokens": 40, "temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 1.0},
-    },
-    "seeded": {"prompt": PROMPT, "params": {"max_tokens": 20, "temperature": 0.9, "top_p": 0.9, "seed": 7}},
-}
 
 
 @pytest.fixture(scope="module")
@@ -50,63 +33,46 @@ def client(serve_url):
 
 
 @pytest.fixture(scope="module")
-def offline():
-    """vLLM's offline results for CASES (tests/vllm_reference.py in a child process: its own engine)."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.vllm_reference", LM],
-        input=json.dumps(list(CASES.values())),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    line = next((x for x in run.stdout.splitlines() if x.startswith("REFERENCE ")), None)
-    assert line is not None, run.stderr[-3000:]
-    return dict(zip(CASES, json.loads(line.removeprefix("REFERENCE "))))
-
-
-@pytest.fixture(scope="module")
 def generator(serve_url):
     return serve.get_deployment_handle(f"Generator-{LM}", app_name=APP)
 
 
-def test_greedy_completion_equals_vllm_offline(offline, client):  # offline first: before the cluster starts
+def test_greedy_completion_equals_vllm_offline(vllm_offline, client):  # offline first: before the cluster starts
     result = client.completions.create(model=LM, prompt=PROMPT, max_tokens=30, temperature=0)
     assert result.object == "text_completion" and result.model == LM
     [choice] = result.choices
-    assert choice.text == offline["greedy_completion"]["text"]
-    assert choice.finish_reason == offline["greedy_completion"]["finish_reason"]
-    assert result.usage.completion_tokens == len(offline["greedy_completion"]["token_ids"])
+    assert choice.text == vllm_offline["greedy_completion"]["text"]
+    assert choice.finish_reason == vllm_offline["greedy_completion"]["finish_reason"]
+    assert result.usage.completion_tokens == len(vllm_offline["greedy_completion"]["token_ids"])
     assert result.usage.prompt_tokens > 0
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
 
 
-def test_greedy_chat_equals_vllm_offline_and_makes_sense(client, offline):
+def test_greedy_chat_equals_vllm_offline_and_makes_sense(client, vllm_offline):
     result = client.chat.completions.create(model=LM, messages=QUESTION, max_tokens=30, temperature=0)
     answer = result.choices[0].message.content
-    assert answer == offline["greedy_chat"]["text"]
+    assert answer == vllm_offline["greedy_chat"]["text"]
     assert "Paris" in answer, answer
 
 
-def test_seeded_sample_equals_vllm_offline(client, offline):
+def test_seeded_sample_equals_vllm_offline(client, vllm_offline):
     result = client.completions.create(model=LM, prompt=PROMPT, max_tokens=20, temperature=0.9, top_p=0.9, seed=7)
-    assert result.choices[0].text == offline["seeded"]["text"]
+    assert result.choices[0].text == vllm_offline["seeded"]["text"]
 
 
-def test_penalties_equal_vllm_offline_and_change_the_text(client, offline):
+def test_penalties_equal_vllm_offline_and_change_the_text(client, vllm_offline):
     args = dict(model=LM, prompt=PROMPT, max_tokens=40, temperature=0)
     penalised = client.completions.create(**args, presence_penalty=1.5, frequency_penalty=1.0).choices[0].text
-    assert penalised == offline["penalties"]["text"]
+    assert penalised == vllm_offline["penalties"]["text"]
     assert penalised != client.completions.create(**args).choices[0].text
 
 
-def test_chat_logprobs_equal_vllm_offline(client, offline):
+def test_chat_logprobs_equal_vllm_offline(client, vllm_offline):
     result = client.chat.completions.create(
         model=LM, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
     )
     content = result.choices[0].logprobs.content
-    reference = offline["chat_logprobs"]["logprobs"]
+    reference = vllm_offline["chat_logprobs"]["logprobs"]
     assert len(content) == len(reference) == result.usage.completion_tokens
     # The text leaves out the end-of-sequence token; its logprob is there, as vLLM's server gives it.
     assert "".join(t.token for t in content).removesuffix("<|im_end|>") == result.choices[0].message.content
@@ -117,10 +83,10 @@ def test_chat_logprobs_equal_vllm_offline(client, offline):
         assert bytes(token.bytes).decode() == token.token
 
 
-def test_completion_logprobs_streamed_and_not_equal_vllm_offline(client, offline):
+def test_completion_logprobs_streamed_and_not_equal_vllm_offline(client, vllm_offline):
     args = dict(model=LM, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=2)
     whole = client.completions.create(**args).choices[0]
-    reference = offline["completion_logprobs"]["logprobs"]
+    reference = vllm_offline["completion_logprobs"]["logprobs"]
     assert whole.logprobs.tokens == [ref["token"] for ref in reference]
     assert whole.logprobs.token_logprobs == pytest.approx([ref["logprob"] for ref in reference], abs=1e-3)
     assert [list(top) for top in whole.logprobs.top_logprobs] == [list(dict(ref["top"])) for ref in reference]
