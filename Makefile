@@ -98,8 +98,8 @@ soak: setup
 
 # Side-by-side benchmarks: embeddings (raw limit, naive peer, rayinfer variants), then generation
 # (rayinfer vs vLLM's own OpenAI server, same model and client, at 1, 16 and 32 streams).
-# Then offline batch embeddings over 100,000 rows (raw limit, python -m batch, a Celery fan-out over
-# Redis, vectors vs /v1/embeddings): ~30 minutes more; the Celery peer installs itself into
+# Then offline batch embeddings over 100,000 rows (raw limit, python -m batch, raw limit again, a Celery
+# fan-out over Redis, vectors vs /v1/embeddings): ~35 minutes more; the Celery peer installs itself into
 # artifacts/peers/celery-venv.
 # Not a test: no assertions on speed. Review artifacts/bench/{bench,generate,batch}.md, then copy them into BENCHMARKS.md.
 bench: setup
