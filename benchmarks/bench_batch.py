@@ -90,15 +90,18 @@ def batch_run(model: str, input_path: Path, out: Path, batch_size: int) -> dict:
     }
 
 
+def rate(run: dict) -> float:
+    return run["rows"] / run["seconds"]
+
+
 def report(results: list[dict], cos: dict, args: argparse.Namespace) -> str:
     raws = [r for r in results if r["name"].startswith("raw")]
     batches = [r for r in results if r["name"].startswith("python -m batch")]
-    rate = {id(r): r["rows"] / r["seconds"] for r in results}
     # Each batch run against the mean of the raw runs just before and after it: this VM's speed drifts
     # (the raw limit moved 33% within an hour here), and a neighbour on each side cancels a steady drift.
-    ratios = [rate[id(b)] / ((rate[id(raws[i])] + rate[id(raws[i + 1])]) / 2) for i, b in enumerate(batches)]
-    raw = statistics.mean(rate[id(r)] for r in raws)
-    batch = statistics.median(rate[id(b)] for b in batches)
+    ratios = [rate(b) / ((rate(raws[i]) + rate(raws[i + 1])) / 2) for i, b in enumerate(batches)]
+    raw = statistics.mean(rate(r) for r in raws)
+    batch = statistics.median(rate(b) for b in batches)
     walls = ", ".join(f"{b['wall_s']:.1f} s" for b in batches)
     lines = [
         f"## Batch embeddings: {args.rows:,} JSONL rows, {args.model} ({datetime.date.today()})",
@@ -114,8 +117,8 @@ def report(results: list[dict], cos: dict, args: argparse.Namespace) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['name']} | {r['rows']:,} | {r['seconds']:.1f} | {rate[id(r)]:,.0f} | "
-            f"{rate[id(r)] / raw:.2f}x | {batch / rate[id(r)]:.2f}x | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
+            f"| {r['name']} | {r['rows']:,} | {r['seconds']:.1f} | {rate(r):,.0f} | "
+            f"{rate(r) / raw:.2f}x | {batch / rate(r):.2f}x | {r['load'][0]:.1f} / {r['load'][1]:.1f} |"
         )
     lines += [
         "",
