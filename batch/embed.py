@@ -172,6 +172,20 @@ def _vectors_table(batch: pa.Table, id_field: str, good: pa.ChunkedArray, vector
     return pa.table({id_field: batch[id_field], EMBEDDING: column, ERROR: batch[ERROR]})
 
 
+def tokenized(ds: ray.data.Dataset, job: EmbedJob, batch_size: int, cpus: float) -> ray.data.Dataset:
+    """The tokenize stage, in blocks of at most `batch_size` rows: one block is one call of a model actor.
+
+    A read task's block holds CHUNK_ROWS (4,096) rows, and a map task's output stays one block. An actor
+    given a 4,096-row block runs its 16 batches one after another on one of its calls: at the end of a
+    run the last blocks kept one call busy and the other idle (100,000 rows: 38 s of 271 at half speed).
+    Ray Data's streaming repartition, fused into the tokenize task, cuts its output into batch-sized
+    blocks instead."""
+    ds = ds.map_batches(
+        functools.partial(tokenize, job=job), batch_format="pyarrow", batch_size=batch_size, num_cpus=cpus
+    )
+    return ds.repartition(target_num_rows_per_block=batch_size)
+
+
 def build(
     ds: ray.data.Dataset,
     job: EmbedJob,
@@ -182,9 +196,7 @@ def build(
     counter: ActorHandle | None = None,
 ) -> ray.data.Dataset:
     """Append the tokenize stage and the model's actor pools to `ds`."""
-    ds = ds.map_batches(
-        functools.partial(tokenize, job=job), batch_format="pyarrow", batch_size=batch_size, num_cpus=tokenize_cpus
-    )
+    ds = tokenized(ds, job, batch_size, tokenize_cpus)
     for k, (pool, conc) in enumerate(zip(pools, concurrency)):
         fn: type[WholeModel | EncoderStagePool] = WholeModel if pool.layers is None else EncoderStagePool
         args: tuple[Any, ...] = (job, pool, counter)

@@ -19,11 +19,13 @@ import torch
 from ray._common.test_utils import wait_for_condition
 from ray.util.state import list_actors
 
-from batch import output
+from batch import output, sources
+from batch.embed import embed_job, tokenized
 from batch.run import Job, Summary, run
 from batch.spec import find_model
 from deployments.embedder import load_model
 from models.embedding import EmbeddingModel
+from models.loader import resolve_source
 from tests.batch.data import LONG, read_errors, read_output, texts, write_csv, write_jsonl, write_parquet
 from tests.helpers import MODEL, SERVE_CONFIG, cosine
 
@@ -122,6 +124,24 @@ def test_csv_glob_with_named_fields(cluster, tmp_path, model):
     write_csv(tmp_path / "part-2.csv", range(60, 120))
     run(job(tmp_path / "part-*.csv", tmp_path / "out", id_field="doc", text_field="body"))
     assert_vectors(read_output(tmp_path / "out", "doc"), [f"d{i}" for i in range(120)], range(120), model)
+
+
+def test_the_model_actors_get_one_batch_per_block(cluster, tmp_path):
+    """An actor runs the batches of one block one after another on one of its calls: blocks of the
+    tokenize stage larger than a batch left a call idle at the end of a run."""
+    path = str(write_jsonl(tmp_path / "in.jsonl", range(3000)))
+    cfg, _ = find_model(SERVE_CONFIG, MODEL, "embed")
+    fields = sources.Fields("id", "text", sources.text_check)
+    ds = ray.data.read_datasource(sources.RowsSource([path], "jsonl", fields, str(tmp_path / "errors"), {path: 3000}))
+    blocks = [
+        meta.num_rows
+        for bundle in tokenized(
+            ds, embed_job(cfg, str(resolve_source(cfg.source))), 64, 1.0
+        ).iter_internal_ref_bundles()
+        for meta in bundle.metadata
+    ]
+    assert sum(blocks) == 3000
+    assert max(blocks) <= 64, blocks
 
 
 def test_pipeline_stages_give_the_unsplit_vectors(cluster, tmp_path, torch_model):
