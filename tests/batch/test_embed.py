@@ -20,9 +20,9 @@ from ray._common.test_utils import wait_for_condition
 from ray.data import DataContext
 from ray.util.state import list_actors
 
-from batch import output, sources
+from batch import output
 from batch.embed import embed_job, tokenized
-from batch.run import Job, Summary, run
+from batch.run import Job, Summary, _source, run
 from batch.spec import find_model
 from deployments.embedder import load_model
 from models.embedding import EmbeddingModel
@@ -134,8 +134,7 @@ def test_the_model_actors_get_one_batch_per_block(cluster, tmp_path, monkeypatch
     monkeypatch.setattr(DataContext.get_current(), "checkpoint_config", None)
     path = str(write_jsonl(tmp_path / "in.jsonl", range(3000)))
     cfg, _ = find_model(SERVE_CONFIG, MODEL, "embed")
-    fields = sources.Fields("id", "text", sources.text_check)
-    ds = ray.data.read_datasource(sources.RowsSource([path], "jsonl", fields, str(tmp_path / "errors"), {path: 3000}))
+    ds = ray.data.read_datasource(_source(job(path, tmp_path / "out"), [path], "jsonl", tmp_path / "out", {path: 3000}))
     blocks = [
         meta.num_rows
         for bundle in tokenized(
