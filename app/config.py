@@ -122,11 +122,21 @@ class ModelConfig(BaseModel):
             "default: the CPUs Ray assigned it."
         ),
     )
-    runtime: Literal["torch", "onnx"] = Field(
+    runtime: Literal["torch", "onnx", "auto"] = Field(
         "torch",
         description=(
-            "embed: `torch` (transformers' forward; any device, pipeline stages) or `onnx` (the same weights "
-            "exported once to ONNX Runtime: the same fp32 vectors at less CPU per text; CPU, unsplit models)."
+            "embed: `torch` (transformers' forward; any device, pipeline stages), `onnx` (the same weights "
+            "exported once to ONNX Runtime: the same fp32 vectors at less CPU per text; CPU, unsplit models) or "
+            "`auto`, chosen where the model loads: on a CPU with native bfloat16 (AVX-512 BF16, AMX) `torch` with "
+            "`autocast: bfloat16`, on other CPUs `onnx`, on a GPU `torch`. `onnx` or `torch` alone: float32."
+        ),
+    )
+    autocast: Literal["bfloat16"] | None = Field(
+        None,
+        description=(
+            "embed, runtime torch: the matmuls in this dtype under torch.autocast; weights, layer norms, softmax "
+            "and pooling stay float32 (all-MiniLM-L6-v2: cosine >= 0.9999 to float32 on varied text). Fast "
+            "only where the CPU has native bfloat16 (AVX-512 BF16, AMX) or on a GPU."
         ),
     )
     concurrent_batches: int = Field(
@@ -221,18 +231,32 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _embedding_options(self) -> ModelConfig:
-        embed_only = {"runtime": "torch", "concurrent_batches": 1, "placement": "replica", "overlap_min_batch": None}
+        embed_only = {
+            "runtime": "torch",
+            "autocast": None,
+            "concurrent_batches": 1,
+            "placement": "replica",
+            "overlap_min_batch": None,
+        }
         for name, default in embed_only.items():
             if self.task != "embed" and getattr(self, name) != default:
                 raise ValueError(f"{name}: only embedding models take it (task: embed); remove it")
         if self.pipeline_stages > 1:
-            for name in ("runtime", "concurrent_batches", "placement"):
+            for name in ("runtime", "autocast", "concurrent_batches", "placement"):
                 if getattr(self, name) != embed_only[name]:
                     raise ValueError(f"{name}: a model split into pipeline_stages takes only the default")
         if self.runtime == "onnx" and self.device == "cuda":
             raise ValueError("runtime: onnx runs on the CPU here; use runtime: torch with device cuda")
-        if self.runtime == "onnx" and self.dtype not in ("auto", "float32"):
-            raise ValueError("runtime: onnx computes in float32; use runtime: torch for dtype bfloat16/float16")
+        if self.runtime in ("onnx", "auto") and self.dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"runtime: {self.runtime} may compute on ONNX Runtime, in float32; use runtime: torch for dtype "
+                "bfloat16/float16"
+            )
+        if self.autocast is not None and self.runtime != "torch":
+            raise ValueError(
+                "autocast: only runtime: torch takes it (runtime: auto sets it itself where the CPU computes "
+                "bfloat16 natively)"
+            )
         return self
 
 

@@ -60,6 +60,7 @@ def embed_job(cfg: ModelConfig, path: str, id_field: str = "id", truncate: bool 
         chunk_size=cfg.max_batch_size,
         device=cfg.device,
         runtime=cfg.runtime,
+        autocast=cfg.autocast,
         max_tokens=model.max_tokens,
         keep_last=model.keep_last,
         fast_tokenizer=fast is not None and encode(fast, list(PROBES)) == model.tokenize(list(PROBES)),
@@ -84,6 +85,7 @@ def load_model(job: EmbedJob, pool: Pool, tokenizer: bool = True) -> EmbeddingMo
         device=_device(job, pool),
         max_input_tokens=job.max_input_tokens,
         runtime=job.runtime,
+        autocast=job.autocast,
         threads=pool.threads_per_call,
         tokenizer=tokenizer,
     )

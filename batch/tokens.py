@@ -34,7 +34,8 @@ class EmbedJob:
     truncate: bool
     chunk_size: int  # rows per forward pass (the model's max_batch_size)
     device: str  # "auto", "cpu" or "cuda"
-    runtime: str = "torch"  # "torch" or "onnx" (the config's; a split model is torch)
+    runtime: str = "torch"  # "torch", "onnx" or "auto" (the config's; a split model is torch)
+    autocast: str | None = None  # runtime torch: the matmuls' dtype (the config's)
     max_tokens: int = 512  # the model's limit (EmbeddingModel.max_tokens)
     keep_last: bool = True  # truncation keeps the closing special token (EmbeddingModel.keep_last)
     fast_tokenizer: bool = False  # tokenizer.json alone gives AutoTokenizer's ids (checked by the driver)

@@ -18,7 +18,7 @@ import numpy as np
 from app.config import ModelConfig
 from app.core.errors import RayInferError
 from deployments.embed_jobs import EmbedBatches
-from deployments.embedder import load_model
+from deployments.embedder import load_model, numerics
 from deployments.replica import replica_threads
 from deployments.types import EmbedJob, EmbedResult, ModelInfo
 
@@ -33,7 +33,7 @@ class LocalEmbedder:
         self.model = load_model(cfg, replica_threads(cfg))
         self.batches = EmbedBatches(cfg, self.model, str(self.model.path), self._forward)
         self._slots = asyncio.Semaphore(cfg.concurrent_batches)
-        logger.info("%s loaded in the ingress from %s (%s)", cfg.name, self.model.path, cfg.runtime)
+        logger.info("%s loaded in the ingress from %s (%s)", cfg.name, self.model.path, numerics(self.model))
 
     async def _forward(self, flat: list[list[int]]) -> np.ndarray:
         waited = time.perf_counter()

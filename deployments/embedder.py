@@ -36,10 +36,9 @@ logger = logging.getLogger("ray.serve")
 
 def load_model(cfg: ModelConfig, threads: int, device: str = "cpu", weights: bool = True) -> EmbeddingModel:
     """The model as the config asks (runtime, threads per batch, token limit); torch's intra-op
-    threads are process-wide, so they are set here for the torch runtime."""
+    threads are process-wide, so they are set here (the torch runtime's forward, every runtime's pooling)."""
     per_batch = max(1, threads // cfg.batches_in_flight)
-    if cfg.runtime == "torch":
-        torch.set_num_threads(per_batch)
+    torch.set_num_threads(per_batch)
     return EmbeddingModel(
         resolve_source(cfg.source),
         device=device,
@@ -48,7 +47,13 @@ def load_model(cfg: ModelConfig, threads: int, device: str = "cpu", weights: boo
         runtime=cfg.runtime,
         threads=per_batch,
         dtype="float32" if cfg.dtype == "auto" else cfg.dtype,
+        autocast=cfg.autocast,
     )
+
+
+def numerics(model: EmbeddingModel) -> str:
+    """How the loaded model computes, for logs and reports: `onnx`, `torch` or `torch, bfloat16 matmuls`."""
+    return f"{model.runtime}, {model.autocast} matmuls" if model.autocast else model.runtime
 
 
 # max_ongoing_requests comes from the model config (app/main.py: enough for a full batch and the next).
@@ -70,7 +75,9 @@ class Embedder:
             batch_wait_timeout_s=cfg.batch_wait_timeout_s,
             max_concurrent_batches=cfg.batches_in_flight,
         )(self.batches.run_calls)
-        logger.info("Embedder %s loaded from %s on %s (%s)", cfg.name, self.model.path, self.model.device, cfg.runtime)
+        logger.info(
+            "Embedder %s loaded from %s on %s (%s)", cfg.name, self.model.path, self.model.device, numerics(self.model)
+        )
 
     async def metadata(self) -> ModelInfo:
         return self.info

@@ -11,6 +11,7 @@ stages (models/encoder_stages.py), each passing the next its hidden states with 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,18 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, spec: PoolingSpec) -> torch.T
     return F.normalize(out, p=2, dim=1) if spec.normalize else out
 
 
+class LastHiddenState(torch.nn.Module):
+    """The encoder as ONNX Runtime and TorchScript take it: ids and mask in, token states out (pooling
+    stays in Python, shared by every runtime)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
 @dataclass
 class Hidden:
     """What crosses from one encoder stage to the next: token states and the mask that belongs to them."""
@@ -74,15 +87,44 @@ class Hidden:
     mask: torch.Tensor  # [B, T]: 1 for a token, 0 for padding
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), where torch's bf16 matmuls
+    (oneDNN) run about twice as fast as its float32 ones; elsewhere bfloat16 is emulated and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_runtime(runtime: str, autocast: str | None, device: torch.device) -> tuple[str, str | None]:
+    """(runtime, autocast) as the model will run here. `auto`: on a CPU with native bfloat16, torch with its
+    matmuls in bfloat16 (cosine >= 0.9999 to float32 on tests/helpers.varied_texts; raw limit ~3x ONNX
+    Runtime's float32 on a 2-core Xeon with AMX, BENCHMARKS.md); on other CPUs ONNX Runtime in float32 (the
+    fastest float32 measured); on a GPU torch (its dtype is the config's)."""
+    if runtime != "auto":
+        return runtime, autocast
+    if device.type != "cpu":
+        return "torch", None
+    return ("torch", "bfloat16") if native_bf16() else ("onnx", None)
+
+
 class EncoderStage:
     """An encoder's layers [start, end), or all of them, called on a `Hidden` batch.
 
     The first stage (`first`) takes token ids, the others hidden states; the last (`last`) pools.
-    models/encoder_stages.py loads a stage of a checkpoint.
+    models/encoder_stages.py loads a stage of a checkpoint. `autocast`: a dtype the matmuls run in
+    under torch.autocast (weights, layer norms, softmax and pooling stay float32).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: PoolingSpec, device: torch.device, first: bool, last: bool):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: PoolingSpec,
+        device: torch.device,
+        first: bool,
+        last: bool,
+        autocast: str | None = None,
+    ):
         self.model, self.spec, self.device, self.first, self.last = model, spec, device, first, last
+        self.autocast = autocast
 
     @torch.inference_mode()
     def __call__(self, x: Hidden) -> Hidden | torch.Tensor:
@@ -90,10 +132,44 @@ class EncoderStage:
         mask = x.mask.to(self.device)
         states = x.states.to(self.device)
         inputs = {"input_ids": states} if self.first else {"inputs_embeds": states}
-        hidden = self.model(**inputs, attention_mask=mask).last_hidden_state
+        # autocast's state is per thread: entered here, on the thread that computes the batch
+        dtype = getattr(torch, self.autocast) if self.autocast else None
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            hidden = self.model(**inputs, attention_mask=mask).last_hidden_state
         if self.last:
             return pool(hidden.float(), mask, self.spec).cpu()
         return Hidden(hidden, x.mask)
+
+
+class TracedEncoder:
+    """The whole encoder with its matmuls in `autocast`'s dtype, as a frozen TorchScript trace, on the CPU:
+    called like an `EncoderStage` holding the whole model. Eager, each of the forward's few hundred torch
+    calls takes the GIL, and beside a serving event loop the cores idled waiting for it (the ingress
+    replica: 18% of the machine idle on single texts, 0.6x the raw limit on 32-text requests); the trace
+    runs the graph in C++, and here computed the same vectors at 1.6-1.9x eager's texts/s. Traced once at
+    load (under a second): the graph holds no shape, so every batch size and length takes it (ids of
+    [2, 8] in; checked on 1 to 64 texts of 1 to 256 tokens: tests/unit/test_colocated.py). Turns off
+    TorchScript's own autocast pass for the process (it would redo the casts the trace holds)."""
+
+    first = last = True
+
+    def __init__(self, model: torch.nn.Module, spec: PoolingSpec, autocast: str):
+        self.spec = spec
+        ids = torch.ones((2, 8), dtype=torch.long)
+        torch._C._jit_set_autocast_mode(False)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=getattr(torch, autocast)), warnings.catch_warnings():
+            # transformers' mask code reads two shapes in Python (is the mask narrower than the ids; is it
+            # causal): the trace fixes them as they are for every batch here (the mask is the ids' width).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(LastHiddenState(model).eval(), (ids, torch.ones_like(ids)), check_trace=False)
+            self.graph = torch.jit.freeze(traced)
+
+    @torch.inference_mode()
+    def __call__(self, x: Hidden) -> torch.Tensor:
+        # The graph as traced: no shape-specialising passes (every batch has its own shape).
+        with torch.jit.optimized_execution(False):
+            hidden = self.graph(x.states, x.mask)
+        return pool(hidden.float(), x.mask, self.spec)
 
 
 def _auto(name: str) -> Any:
@@ -125,8 +201,10 @@ class EmbeddingModel:
 
     weights=False: tokenizer and config only, for a pipeline's driver (the weights live in its
     stages); `stages`: in-process stages to run instead of the whole model. runtime: `torch`
-    (transformers' forward) or `onnx` (the same model exported to ONNX Runtime, models/onnx_encoder.py),
-    with `threads` intra-op threads per batch (torch's are process-wide: the caller sets them).
+    (transformers' forward, its matmuls in `autocast`'s dtype if given) or `onnx` (the same model exported
+    to ONNX Runtime, models/onnx_encoder.py), or `auto` (`resolve_runtime`: the fastest of those on this
+    machine; `self.runtime` and `self.autocast` say which), with `threads` intra-op threads per batch
+    (torch's are process-wide: the caller sets them).
     """
 
     def __init__(
@@ -140,9 +218,12 @@ class EmbeddingModel:
         threads: int = 1,
         dtype: str = "float32",
         tokenizer: bool = True,
+        autocast: str | None = None,
     ):
         self.path = Path(path)
         self.device = torch.device(device)
+        self.runtime, self.autocast = resolve_runtime(runtime, autocast, self.device)
+        runtime = self.runtime
         self.spec = read_pooling_spec(self.path)
         self.tokenizer = _auto("AutoTokenizer").from_pretrained(self.path) if tokenizer else None
         self.model = None
@@ -153,7 +234,12 @@ class EmbeddingModel:
         elif weights and not stages:
             weights_dtype = getattr(torch, dtype)  # float32, bfloat16, float16; pooling is in float32
             self.model = _auto("AutoModel").from_pretrained(self.path, dtype=weights_dtype).to(self.device).eval()
-        self.stages = stages or ([EncoderStage(self.model, self.spec, self.device, True, True)] if self.model else [])
+        whole: list[Callable[[Hidden], Hidden | torch.Tensor]] = []
+        if self.model is not None and self.autocast and self.device.type == "cpu":
+            whole = [TracedEncoder(self.model, self.spec, self.autocast)]
+        elif self.model is not None:
+            whole = [EncoderStage(self.model, self.spec, self.device, True, True, self.autocast)]
+        self.stages = stages or whole
         config = self.model.config if self.model is not None else _config(self.path, self.tokenizer is None)
         model_limit = _get(config, "max_position_embeddings") or 512
         self.max_tokens = min(x for x in (max_input_tokens, self.spec.max_seq_length, model_limit) if x)

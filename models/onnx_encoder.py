@@ -15,20 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.embedding import Hidden, PoolingSpec, pool
+from models.embedding import Hidden, LastHiddenState, PoolingSpec, pool
 
 CACHE = Path(__file__).resolve().parents[1] / "artifacts" / "onnx"
-
-
-class _LastHiddenState(torch.nn.Module):
-    """What is exported: ids and mask in, token states out (pooling stays in Python, shared with torch)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def exported(checkpoint: Path, cache: Path = CACHE) -> Path:
@@ -42,7 +31,7 @@ def exported(checkpoint: Path, cache: Path = CACHE) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     from transformers import AutoModel  # only to export, once per checkpoint
 
-    model = _LastHiddenState(AutoModel.from_pretrained(checkpoint).eval())
+    model = LastHiddenState(AutoModel.from_pretrained(checkpoint).eval())
     ids = torch.ones((2, 8), dtype=torch.long)
     axes = {0: "batch", 1: "tokens"}
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

@@ -25,7 +25,7 @@ from batch.embed import embed_job, tokenized
 from batch.run import Job, Summary, _source, run
 from batch.spec import find_model
 from deployments.embedder import load_model
-from models.embedding import EmbeddingModel
+from models.embedding import EmbeddingModel, native_bf16
 from models.loader import resolve_source
 from tests.batch.data import LONG, read_errors, read_output, texts, write_csv, write_jsonl, write_parquet
 from tests.helpers import MODEL, SERVE_CONFIG, cosine
@@ -155,7 +155,8 @@ def test_pipeline_stages_give_the_unsplit_vectors(cluster, tmp_path, torch_model
 
 def test_vectors_equal_the_online_services(cluster, tmp_path, serve_url):
     """The shipped config's vectors from /v1/embeddings of the session's Serve instance, row by row (the
-    issue's "cosine >= 0.9999"; they are the same fp32 numerics, so far closer)."""
+    issue's "cosine >= 0.9999"). In float32 (ONNX Runtime, where the CPU has no native bfloat16) far closer;
+    with bfloat16 matmuls a row's last bits depend on its batch's shape (seen: 6.5e-4 apart)."""
     n = 300
     path = write_jsonl(tmp_path / "in.jsonl", range(n))
     assert run(job(path, tmp_path / "out")).rows_written == n
@@ -165,7 +166,8 @@ def test_vectors_equal_the_online_services(cluster, tmp_path, serve_url):
     online = np.asarray([item["embedding"] for item in reply.json()["data"]], dtype=np.float32)
     mine = np.stack([got[str(i)] for i in range(n)])
     assert cosine(mine, online).min() >= 0.9999
-    np.testing.assert_allclose(mine, online, atol=1e-5)
+    if not native_bf16():  # `runtime: auto` computes in float32 here
+        np.testing.assert_allclose(mine, online, atol=1e-5)
 
 
 def test_a_write_cut_short_is_rolled_back_and_redone(cluster, tmp_path):

@@ -126,7 +126,7 @@ def test_models_come_from_the_serve_config_with_their_deployments_resources():
     # concurrent_batches: 2 online (two batches at once, a thread each): one actor computing two calls at once.
     assert (pool.calls, pool.threads_per_call) == (cfg.concurrent_batches, 1) == (2, 1)
     assert model_spec(cfg, options, Overrides(threads=4, calls=1)).pools[0].threads_per_call == 4
-    assert pool.env == {"OMP_WAIT_POLICY": "PASSIVE"} and cfg.runtime == "onnx"
+    assert pool.env == {"OMP_WAIT_POLICY": "PASSIVE"} and cfg.runtime == "auto"
     cfg, options = find_model(SERVE_CONFIG.with_name("serve_config.pipeline.yaml"), f"{MODEL}-pipeline", "embed")
     spec = model_spec(cfg, options, Overrides(num_gpus=1, concurrency=(1, 2)), [(0, 1), (1, 6)])
     assert [(p.name, p.layers, p.num_gpus, p.concurrency) for p in spec.pools] == [

@@ -1,5 +1,5 @@
-"""Embedding on ONNX Runtime and inside the ingress (`placement: ingress`), without Ray: the same
-vectors as sentence-transformers, bad jobs isolated, two batches computing at once."""
+"""Embedding on ONNX Runtime, with bfloat16 matmuls, and inside the ingress (`placement: ingress`), without
+Ray: sentence-transformers' vectors (bfloat16: within cosine 0.999), bad jobs isolated, two batches at once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import threading
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from pydantic import ValidationError
 
 from app.config import AppConfig, ModelConfig
@@ -15,8 +17,9 @@ from app.core.errors import InputTooLong
 from app.main import build_app
 from deployments.colocated import LocalEmbedder
 from deployments.types import EmbedJob
-from models.embedding import EmbeddingModel
-from tests.helpers import MODEL, cosine, varied_texts
+from models import embedding
+from models.embedding import EmbeddingModel, TracedEncoder
+from tests.helpers import MODEL, ROOT, cosine, varied_texts
 
 SOURCE = f"bundled:{MODEL}"
 
@@ -34,6 +37,52 @@ def test_onnx_runtime_gives_sentence_transformers_vectors_on_varied_text(onnx_mo
     want = reference(texts)  # sentence-transformers truncates at the same 256 tokens
     assert cosine(got, want).min() >= 0.99999
     assert np.abs(np.linalg.norm(got, axis=1) - 1).max() < 1e-5  # normalised, as the checkpoint says
+
+
+@pytest.fixture(scope="module")
+def bf16_model(bundled_path):
+    return EmbeddingModel(bundled_path, runtime="torch", autocast="bfloat16")
+
+
+def test_bfloat16_matmuls_stay_within_cosine_0_999_of_sentence_transformers_on_varied_text(
+    bf16_model, reference, bundled_path
+):
+    # `runtime: auto`'s choice on a CPU with native bfloat16 (emulated, slower, elsewhere: the same numbers).
+    assert isinstance(bf16_model.stages[0], TracedEncoder)  # traced once, on [2, 8] ids
+    texts = varied_texts()
+    ids = [bf16_model.truncate(x) for x in bf16_model.tokenize(texts)]
+    assert max(map(len, ids)) == 256 and min(map(len, ids)) <= 3
+    want = reference(texts)
+    whole = bf16_model.embed_ids(ids)  # chunks of 64, each padded to its longest
+    assert cosine(whole, want).min() >= 0.999
+    assert np.abs(np.linalg.norm(whole, axis=1) - 1).max() < 1e-5  # pooled and normalised in float32
+    float32 = EmbeddingModel(bundled_path).embed_ids(ids)
+    assert np.abs(whole - float32).max() > 1e-4  # the matmuls did run in bfloat16
+    # Any batch shape takes the trace: one text at a time, and odd chunks of mixed lengths.
+    assert cosine(np.concatenate([bf16_model.embed_ids([x]) for x in ids[:40]]), want[:40]).min() >= 0.999
+    assert cosine(bf16_model.embed_ids(ids, chunk_size=7), want).min() >= 0.999
+
+
+def test_runtime_auto_takes_bfloat16_matmuls_only_where_the_cpu_has_them(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(embedding, "native_bf16", lambda: True)
+    assert embedding.resolve_runtime("auto", None, cpu) == ("torch", "bfloat16")
+    assert embedding.resolve_runtime("auto", None, cuda) == ("torch", None)
+    monkeypatch.setattr(embedding, "native_bf16", lambda: False)
+    assert embedding.resolve_runtime("auto", None, cpu) == ("onnx", None)
+    assert embedding.resolve_runtime("onnx", None, cpu) == ("onnx", None)  # explicit: float32 everywhere
+    assert embedding.resolve_runtime("torch", "bfloat16", cpu) == ("torch", "bfloat16")
+
+
+def test_the_shipped_config_resolves_auto_where_the_model_loads():
+    shipped = ModelConfig.model_validate(
+        next(m for m in yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]["models"]
+             if m["task"] == "embed")
+    )  # fmt: skip
+    assert shipped.runtime == "auto" and shipped.autocast is None
+    local = LocalEmbedder(shipped)
+    want = ("torch", "bfloat16") if embedding.native_bf16() else ("onnx", None)
+    assert (local.model.runtime, local.model.autocast) == want
 
 
 def _local(**options) -> LocalEmbedder:
@@ -146,6 +195,11 @@ def test_a_model_placed_in_the_ingress_gets_no_deployment():
         ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "placement": "ingress"}, "placement"),
         ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "runtime": "onnx"}, "runtime"),
         ({"task": "embed", "source": SOURCE, "runtime": "onnx", "device": "cuda"}, "runtime"),
+        ({"task": "embed", "source": SOURCE, "runtime": "onnx", "autocast": "bfloat16"}, "autocast"),
+        ({"task": "embed", "source": SOURCE, "runtime": "auto", "autocast": "bfloat16"}, "autocast"),
+        ({"task": "embed", "source": SOURCE, "runtime": "auto", "dtype": "bfloat16"}, "runtime"),
+        ({"task": "embed", "source": SOURCE, "pipeline_stages": 2, "autocast": "bfloat16"}, "autocast"),
+        ({"task": "generate", "source": "built:smollm2-135m-instruct", "autocast": "bfloat16"}, "autocast"),
     ],
 )
 def test_embedding_only_options_are_refused_elsewhere_with_the_field_named(entry, field):
