@@ -44,11 +44,30 @@ WORKLOADS = {"single": (1, 32), "batch32": (32, 4)}  # texts per request, connec
 SHIPPED = "rayinfer: serve_config.yaml"
 VARIANTS = {  # name: changes to the shipped config's embedding model entry and deployments
     SHIPPED: {},
-    "rayinfer: runtime torch (same fp32 numerics, transformers' forward)": {"model": {"runtime": "torch"}},
+    "rayinfer: runtime onnx (float32 on ONNX Runtime)": {"model": {"runtime": "onnx"}},
+    "rayinfer: runtime torch (float32, transformers' forward: the peers' numerics)": {"model": {"runtime": "torch"}},
     "rayinfer: placement replica (its own Embedder deployment, one handle hop per batch)": {
         "model": {"placement": "replica"}
     },
 }
+# How each computes: (runtime, autocast), the raw limit each server is compared with. The shipped config's
+# `runtime: auto` is resolved as a replica on this machine resolves it (models/embedding.py).
+NUMERICS = {"onnx fp32": ("onnx", None), "torch fp32": ("torch", None), "torch bf16 matmuls": ("torch", "bfloat16")}
+
+
+def numerics_of(name: str) -> str:
+    """The NUMERICS key a server computes with: the peers and the torch variant torch's float32, the others
+    the config's runtime as this machine resolves it."""
+    if name in peers.PEERS or "runtime torch" in name:
+        return "torch fp32"
+    if "runtime onnx" in name:
+        return "onnx fp32"
+    import torch
+
+    from models.embedding import resolve_runtime
+
+    resolved = resolve_runtime("auto", None, torch.device("cpu"))
+    return next(k for k, v in NUMERICS.items() if v == resolved)
 
 
 WRK_WORDS = ("serving", "model", "online", "batch", "replica", "latency", "queue", "token",
@@ -66,18 +85,19 @@ def wrk_texts(texts_per_request: int = 32) -> list[str]:
     return out
 
 
-def raw_limit(runtime: str, seconds: float) -> dict:
+def raw_limit(numerics: str, seconds: float) -> dict:
     """Texts/s of the model alone in-process, batches of 32 of the texts wrk sends, both cores: the
-    ceiling for any server of these numerics. Best of two layouts (one batch on 2 threads; two batches
-    at once on 1 each)."""
+    ceiling for any server of these numerics (a NUMERICS key). Best of two layouts (one batch on 2
+    threads; two batches at once on 1 each)."""
     from app.config import ModelConfig
     from deployments.embedder import load_model
 
+    runtime, autocast = NUMERICS[numerics]
     out = {}
     texts = wrk_texts()[:4096]
     for batches in (1, 2):
         cfg = ModelConfig(name=MODEL, task="embed", source=f"bundled:{MODEL}", runtime=runtime,
-                          concurrent_batches=batches)  # fmt: skip
+                          autocast=autocast, concurrent_batches=batches)  # fmt: skip
         model = load_model(cfg, threads=os.cpu_count() or 2)
         ids = model.tokenize(texts)
         model.embed_ids(ids[:32])
@@ -154,9 +174,11 @@ def run_all(seconds: float, only: list[str] | None, rounds: int) -> dict:
     results: dict = {"rounds": [], "raw_rounds": []}
     servers = {**{name: lambda d, n=name: peers.serve(n, d) for name in peers.PEERS}}
     servers.update({name: lambda d, v=variant: rayinfer(v, d) for name, variant in VARIANTS.items()})
+    kinds = sorted({numerics_of(name) for name in servers if not only or any(o in name for o in only)})
+    results["numerics"] = {name: numerics_of(name) for name in servers}
     for k in range(rounds):
         # Between rounds no server runs: the raw limit has the machine to itself, whatever this process's nice.
-        results["raw_rounds"].append({rt: raw_limit(rt, 10.0) for rt in ("onnx", "torch")})
+        results["raw_rounds"].append({kind: raw_limit(kind, 10.0) for kind in kinds})
         print(f"round {k + 1}, raw limits: {results['raw_rounds'][-1]}", flush=True)
         same_nice(NICE)
         measured: dict = {}
@@ -169,11 +191,11 @@ def run_all(seconds: float, only: list[str] | None, rounds: int) -> dict:
         results["rounds"].append(measured)
     results["servers"] = {name: median_run(results["rounds"], name) for name in results["rounds"][0]}
     results["raw"] = {
-        rt: {
-            "texts_per_s": statistics.median(r[rt]["texts_per_s"] for r in results["raw_rounds"]),
-            "runs": [r[rt]["texts_per_s"] for r in results["raw_rounds"]],
+        kind: {
+            "texts_per_s": statistics.median(r[kind]["texts_per_s"] for r in results["raw_rounds"]),
+            "runs": [r[kind]["texts_per_s"] for r in results["raw_rounds"]],
         }
-        for rt in ("onnx", "torch")
+        for kind in kinds
     }
     return results
 
@@ -212,28 +234,28 @@ def render(results: dict, command: str) -> str:
     best_peer = max((servers[n]["single"]["requests_per_s"] for n in peer_names), default=None)
     raw = results["raw"]
     lines = [
-        f"Measured {datetime.date.today()} by `{command}`: {os.cpu_count()} cores, CPU only, fp32, "
+        f"Measured {datetime.date.today()} by `{command}`: {os.cpu_count()} cores ({cpu_model()}), CPU only, "
         f"load average before the run {results.get('load_before', '?')}; {len(rounds)} rounds, the servers "
         "taking turns in each; every figure is the server's median over the rounds, each round's rate in ().",
         "",
         "Raw limit, in-process, batches of 32, both cores (the better of one batch on two threads and two "
-        f"at once on one each), measured at the start of each round: onnx {raw['onnx']['texts_per_s']:.0f} texts/s "
-        f"({_rounds(raw['onnx']['runs'])}), torch {raw['torch']['texts_per_s']:.0f} "
-        f"({_rounds(raw['torch']['runs'])}).",
+        "at once on one each), measured at the start of each round: "
+        + "; ".join(f"{kind} {r['texts_per_s']:.0f} texts/s ({_rounds(r['runs'])})" for kind, r in raw.items())
+        + ".",
         "",
-        "| server | wrk single req/s (rounds) | × best peer | × raw | p50 ms | p99 ms | wrk 32-text texts/s "
-        "(rounds) | × raw | loadtest req/s | loadtest p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | numerics | wrk single req/s (rounds) | × best peer | × raw | p50 ms | p99 ms | wrk 32-text "
+        "texts/s (rounds) | × raw | loadtest req/s | loadtest p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in servers.items():
         s, b, lt = r["single"], r["batch32"], r["loadtest"]
-        rt = "torch" if "torch" in name or name in peers.PEERS else "onnx"
+        kind = results["numerics"][name]
         errors = s["errors"] + b["errors"]
         vs_peer = f"{s['requests_per_s'] / best_peer:.2f}" if best_peer else "–"
         lines.append(
-            f"| {name} | {s['requests_per_s']:.0f} ({_rounds(s['runs'])}) | {vs_peer} "
-            f"| {s['requests_per_s'] / raw[rt]['texts_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} "
-            f"| {batch32_cell(b, raw[rt]['texts_per_s'])} "
+            f"| {name} | {kind} | {s['requests_per_s']:.0f} ({_rounds(s['runs'])}) | {vs_peer} "
+            f"| {s['requests_per_s'] / raw[kind]['texts_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} "
+            f"| {batch32_cell(b, raw[kind]['texts_per_s'])} "
             f"| {lt['items_per_s']:.0f} | {lt['latency_ms']['p99']:.0f} | {errors or 'none'} |"
         )
     if SHIPPED in servers and peer_names:
@@ -247,6 +269,15 @@ def render(results: dict, command: str) -> str:
             f"Shipped config against the best peer of the same round: {', '.join(f'{x:.2f}x' for x in per_round)}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def cpu_model() -> str:
+    """The CPU's name and whether it multiplies bfloat16 natively (what `runtime: auto` chooses by)."""
+    from models.embedding import native_bf16
+
+    name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")), "CPU")  # fmt: skip
+    return f"{name}, {'native bfloat16' if native_bf16() else 'no native bfloat16'}"
 
 
 def main(argv: list[str] | None = None) -> int:
