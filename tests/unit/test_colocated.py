@@ -58,9 +58,12 @@ def test_bfloat16_matmuls_stay_within_cosine_0_999_of_sentence_transformers_on_v
     assert np.abs(np.linalg.norm(whole, axis=1) - 1).max() < 1e-5  # pooled and normalised in float32
     float32 = EmbeddingModel(bundled_path).embed_ids(ids)
     assert np.abs(whole - float32).max() > 1e-4  # the matmuls did run in bfloat16
-    # Any batch shape takes the trace: one text at a time, and odd chunks of mixed lengths.
-    assert cosine(np.concatenate([bf16_model.embed_ids([x]) for x in ids[:40]]), want[:40]).min() >= 0.999
-    assert cosine(bf16_model.embed_ids(ids, chunk_size=7), want).min() >= 0.999
+    # Any batch shape takes the trace: one text at a time, and odd chunks of mixed lengths. (A CPU without
+    # native bfloat16 emulates it, slowly: a sample of the texts.)
+    assert cosine(np.concatenate([bf16_model.embed_ids([x]) for x in ids[:20]]), want[:20]).min() >= 0.999
+    some = ids[::3]
+    assert max(map(len, some)) == 256
+    assert cosine(bf16_model.embed_ids(some, chunk_size=7), want[::3]).min() >= 0.999
 
 
 def test_runtime_auto_takes_bfloat16_matmuls_only_where_the_cpu_has_them(monkeypatch):
