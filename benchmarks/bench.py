@@ -56,17 +56,17 @@ NUMERICS = {"onnx fp32": ("onnx", None), "torch fp32": ("torch", None), "torch b
 
 
 def numerics_of(name: str) -> str:
-    """The NUMERICS key a server computes with: the peers and the torch variant torch's float32, the others
-    the config's runtime as this machine resolves it."""
-    if name in peers.PEERS or "runtime torch" in name:
+    """The NUMERICS key a server computes with: the peers torch's float32; a rayinfer variant its config's
+    runtime and autocast, as a replica on this machine resolves them."""
+    if name in peers.PEERS:
         return "torch fp32"
-    if "runtime onnx" in name:
-        return "onnx fp32"
     import torch
 
+    from app.config import ModelConfig
     from models.embedding import resolve_runtime
 
-    resolved = resolve_runtime("auto", None, torch.device("cpu"))
+    cfg = ModelConfig.model_validate(rayinfer_config(VARIANTS[name])["applications"][0]["args"]["models"][0])
+    resolved = resolve_runtime(cfg.runtime, cfg.autocast, torch.device("cpu"))
     return next(k for k, v in NUMERICS.items() if v == resolved)
 
 

@@ -223,11 +223,10 @@ class EmbeddingModel:
         self.path = Path(path)
         self.device = torch.device(device)
         self.runtime, self.autocast = resolve_runtime(runtime, autocast, self.device)
-        runtime = self.runtime
         self.spec = read_pooling_spec(self.path)
         self.tokenizer = _auto("AutoTokenizer").from_pretrained(self.path) if tokenizer else None
         self.model = None
-        if weights and not stages and runtime == "onnx":
+        if weights and not stages and self.runtime == "onnx":
             from models.onnx_encoder import OnnxEncoder  # imports this module: loaded only when asked for
 
             stages = [OnnxEncoder(self.path, self.spec, threads)]

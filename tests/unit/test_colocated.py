@@ -9,17 +9,17 @@ import threading
 import numpy as np
 import pytest
 import torch
-import yaml
 from pydantic import ValidationError
 
 from app.config import AppConfig, ModelConfig
 from app.core.errors import InputTooLong
 from app.main import build_app
+from batch.spec import find_model
 from deployments.colocated import LocalEmbedder
 from deployments.types import EmbedJob
 from models import embedding
 from models.embedding import EmbeddingModel, TracedEncoder
-from tests.helpers import MODEL, ROOT, cosine, varied_texts
+from tests.helpers import MODEL, SERVE_CONFIG, cosine, varied_texts
 
 SOURCE = f"bundled:{MODEL}"
 
@@ -78,10 +78,7 @@ def test_runtime_auto_takes_bfloat16_matmuls_only_where_the_cpu_has_them(monkeyp
 
 
 def test_the_shipped_config_resolves_auto_where_the_model_loads():
-    shipped = ModelConfig.model_validate(
-        next(m for m in yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]["models"]
-             if m["task"] == "embed")
-    )  # fmt: skip
+    shipped, _ = find_model(SERVE_CONFIG, MODEL, "embed")
     assert shipped.runtime == "auto" and shipped.autocast is None
     local = LocalEmbedder(shipped)
     want = ("torch", "bfloat16") if embedding.native_bf16() else ("onnx", None)
