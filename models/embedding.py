@@ -96,7 +96,7 @@ def native_bf16() -> bool:
 
 def resolve_runtime(runtime: str, autocast: str | None, device: torch.device) -> tuple[str, str | None]:
     """(runtime, autocast) as the model will run here. `auto`: on a CPU with native bfloat16, torch with its
-    matmuls in bfloat16 (cosine >= 0.9999 to float32 on tests/helpers.varied_texts; raw limit ~3x ONNX
+    matmuls in bfloat16 (cosine >= 0.9999 to float32 on tests/helpers.varied_texts; raw limit 3.5x ONNX
     Runtime's float32 on a 2-core Xeon with AMX, BENCHMARKS.md); on other CPUs ONNX Runtime in float32 (the
     fastest float32 measured); on a GPU torch (its dtype is the config's)."""
     if runtime != "auto":
