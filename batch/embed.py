@@ -6,7 +6,8 @@
 The model code is the online service's: models/embedding.py's EmbeddingModel (tokenizer,
 truncation rule, `embed_ids` with its length-sorted padded chunks of `max_batch_size`) on the
 config's `runtime` (torch, or the same weights on ONNX Runtime, exported once into artifacts/onnx/
-by models/onnx_encoder.py, as the online service loads it), and for a
+by models/onnx_encoder.py, or with bfloat16 matmuls as a TorchScript trace cached in artifacts/traced/,
+as the online service loads it), and for a
 model with `pipeline_stages > 1` models/encoder_stages.py's stages, one actor pool each, the
 hidden states of each row going to the next pool in the dataset. A row that already carries an
 error passes through every stage untouched. The tokenize tasks run batch/tokens.py, which imports
@@ -77,8 +78,9 @@ def load_model(job: EmbedJob, pool: Pool, tokenizer: bool = True) -> EmbeddingMo
     """The whole model as the online service loads it (deployments/embedder.py, load_model): the config's
     runtime on each call's share of the pool's threads (torch's are process-wide, ONNX Runtime's per
     session). The raw limit and the Celery peer of the benchmark load it through here too. The job's
-    actors are given token ids: without the tokenizer, an ONNX Runtime model loads without importing
-    transformers (the actor's first batch came ~7 s sooner here)."""
+    actors are given token ids: without the tokenizer, an ONNX Runtime model, or a bfloat16 trace already in
+    artifacts/traced/, loads without importing transformers (the actor's first batch came ~7 s sooner here
+    on ONNX Runtime, ~3 s with the trace)."""
     torch.set_num_threads(pool.threads_per_call)
     return EmbeddingModel(
         Path(job.path),

@@ -10,7 +10,10 @@ stages (models/encoder_stages.py), each passing the next its hidden states with 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -141,20 +144,49 @@ class EncoderStage:
         return Hidden(hidden, x.mask)
 
 
+TRACES = Path(__file__).resolve().parents[1] / "artifacts" / "traced"
+
+
+def weights_key(checkpoint: Path, *extra: str) -> str:
+    """A cache key for what is derived from a checkpoint's weights: their identity (path, size, modification
+    time) and `extra` (what else the derived file depends on)."""
+    weights = sorted(p for p in checkpoint.iterdir() if p.suffix in (".safetensors", ".bin"))
+    identity = "|".join([*(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights), *extra])
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def save_atomic(target: Path, write: Callable[[Path], object]) -> Path:
+    """`write(path)` into a temporary file beside `target`, then renamed onto it: a concurrent reader (another
+    replica, another actor) sees the whole file or none."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        path = Path(tmp) / target.name
+        write(path)
+        os.replace(path, target)
+    return target
+
+
 class TracedEncoder:
     """The whole encoder with its matmuls in `autocast`'s dtype, as a frozen TorchScript trace, on the CPU:
     called like an `EncoderStage` holding the whole model. Eager, each of the forward's few hundred torch
     calls takes the GIL, and beside a serving event loop the cores idled waiting for it (the ingress
     replica: 18% of the machine idle on single texts, 0.6x the raw limit on 32-text requests); the trace
-    runs the graph in C++, and here computed the same vectors at 1.6-1.9x eager's texts/s. Traced once at
-    load (under a second): the graph holds no shape, so every batch size and length takes it (ids of
-    [2, 8] in; checked on 1 to 64 texts of 1 to 256 tokens: tests/unit/test_colocated.py). Turns off
-    TorchScript's own autocast pass for the process (it would redo the casts the trace holds)."""
+    runs the graph in C++, and here computed the same vectors at 1.6-1.9x eager's texts/s. The graph holds
+    no shape, so every batch size and length takes it (ids of [2, 8] in; checked on 1 to 64 texts of 1 to
+    256 tokens: tests/unit/test_colocated.py). Traced once per checkpoint, torch version and dtype and
+    cached in artifacts/traced/ (`load`): a process that finds the file loads the graph without transformers
+    or the eager model (the batch job's model actor: ~3 s sooner to its first batch). Turns off
+    TorchScript's own autocast pass for the process (it would redo the casts the graph holds)."""
 
     first = last = True
 
-    def __init__(self, model: torch.nn.Module, spec: PoolingSpec, autocast: str):
-        self.spec = spec
+    def __init__(self, graph: torch.jit.ScriptModule, spec: PoolingSpec):
+        torch._C._jit_set_autocast_mode(False)
+        self.graph, self.spec = graph, spec
+
+    @staticmethod
+    def trace(model: torch.nn.Module, autocast: str) -> torch.jit.ScriptModule:
+        """`model`'s last hidden state as a frozen trace under torch.autocast(`autocast`)."""
         ids = torch.ones((2, 8), dtype=torch.long)
         torch._C._jit_set_autocast_mode(False)
         with torch.inference_mode(), torch.autocast("cpu", dtype=getattr(torch, autocast)), warnings.catch_warnings():
@@ -162,7 +194,16 @@ class TracedEncoder:
             # causal): the trace fixes them as they are for every batch here (the mask is the ids' width).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(LastHiddenState(model).eval(), (ids, torch.ones_like(ids)), check_trace=False)
-            self.graph = torch.jit.freeze(traced)
+            return torch.jit.freeze(traced)
+
+    @classmethod
+    def load(cls, checkpoint: Path, spec: PoolingSpec, autocast: str, cache: Path = TRACES) -> TracedEncoder:
+        """The checkpoint's trace from the cache, traced from transformers' model and saved there first if absent."""
+        target = cache / weights_key(checkpoint, torch.__version__, autocast) / "encoder.pt"
+        if not target.exists():
+            graph = cls.trace(_auto("AutoModel").from_pretrained(checkpoint).eval(), autocast)
+            save_atomic(target, lambda path: torch.jit.save(graph, str(path)))
+        return cls(torch.jit.load(str(target), map_location="cpu"), spec)
 
     @torch.inference_mode()
     def __call__(self, x: Hidden) -> torch.Tensor:
@@ -230,13 +271,13 @@ class EmbeddingModel:
             from models.onnx_encoder import OnnxEncoder  # imports this module: loaded only when asked for
 
             stages = [OnnxEncoder(self.path, self.spec, threads)]
+        elif weights and not stages and self.autocast and self.device.type == "cpu":
+            stages = [TracedEncoder.load(self.path, self.spec, self.autocast)]
         elif weights and not stages:
             weights_dtype = getattr(torch, dtype)  # float32, bfloat16, float16; pooling is in float32
             self.model = _auto("AutoModel").from_pretrained(self.path, dtype=weights_dtype).to(self.device).eval()
         whole: list[Callable[[Hidden], Hidden | torch.Tensor]] = []
-        if self.model is not None and self.autocast and self.device.type == "cpu":
-            whole = [TracedEncoder(self.model, self.spec, self.autocast)]
-        elif self.model is not None:
+        if self.model is not None:
             whole = [EncoderStage(self.model, self.spec, self.device, True, True, self.autocast)]
         self.stages = stages or whole
         config = self.model.config if self.model is not None else _config(self.path, self.tokenizer is None)

@@ -7,47 +7,39 @@ A drop-in for `EncoderStage` over the whole model: token ids and mask in, pooled
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.embedding import Hidden, LastHiddenState, PoolingSpec, pool
+from models.embedding import Hidden, LastHiddenState, PoolingSpec, pool, save_atomic, weights_key
 
 CACHE = Path(__file__).resolve().parents[1] / "artifacts" / "onnx"
 
 
 def exported(checkpoint: Path, cache: Path = CACHE) -> Path:
     """The checkpoint's encoder as an ONNX file, exported on first use: cached by the weights'
-    identity (path, size, modification time), written whole or not at all."""
-    weights = sorted(p for p in checkpoint.iterdir() if p.suffix in (".safetensors", ".bin"))
-    identity = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights)
-    target = cache / hashlib.sha256(identity.encode()).hexdigest()[:16] / "encoder.onnx"
+    identity, written whole or not at all."""
+    target = cache / weights_key(checkpoint) / "encoder.onnx"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     from transformers import AutoModel  # only to export, once per checkpoint
 
     model = LastHiddenState(AutoModel.from_pretrained(checkpoint).eval())
     ids = torch.ones((2, 8), dtype=torch.long)
     axes = {0: "batch", 1: "tokens"}
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        path = Path(tmp) / "encoder.onnx"
-        torch.onnx.export(
-            model,
-            (ids, torch.ones_like(ids)),
-            str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["last_hidden_state"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
-            opset_version=17,
-            dynamo=False,  # the TorchScript exporter: no onnxscript needed, dynamic axes as above
-        )
-        os.replace(path, target)  # atomic: a concurrent replica sees the whole file or none
-    return target
+    export = functools.partial(
+        torch.onnx.export,
+        model,
+        (ids, torch.ones_like(ids)),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+        opset_version=17,
+        dynamo=False,  # the TorchScript exporter: no onnxscript needed, dynamic axes as above
+    )
+    return save_atomic(target, lambda path: export(str(path)))
 
 
 class OnnxEncoder:

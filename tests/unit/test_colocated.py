@@ -4,6 +4,8 @@ Ray: sentence-transformers' vectors (bfloat16: within cosine 0.999), bad jobs is
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -19,7 +21,7 @@ from deployments.colocated import LocalEmbedder
 from deployments.types import EmbedJob
 from models import embedding
 from models.embedding import EmbeddingModel, TracedEncoder
-from tests.helpers import MODEL, SERVE_CONFIG, cosine, varied_texts
+from tests.helpers import MODEL, ROOT, SERVE_CONFIG, cosine, varied_texts
 
 SOURCE = f"bundled:{MODEL}"
 
@@ -64,6 +66,30 @@ def test_bfloat16_matmuls_stay_within_cosine_0_999_of_sentence_transformers_on_v
     some = ids[::3]
     assert max(map(len, some)) == 256
     assert cosine(bf16_model.embed_ids(some, chunk_size=7), want[::3]).min() >= 0.999
+
+
+def test_the_bfloat16_trace_is_made_once_and_loads_from_its_cache_without_transformers(
+    bf16_model, bundled_path, tmp_path, monkeypatch
+):
+    ids = [bf16_model.truncate(x) for x in bf16_model.tokenize(varied_texts()[::4])]
+    want = bf16_model.embed_ids(ids, chunk_size=16)
+    made = TracedEncoder.load(bundled_path, bf16_model.spec, "bfloat16", cache=tmp_path)  # traced, then saved
+    (saved,) = tmp_path.glob("*/encoder.pt")
+    stamp = saved.stat().st_mtime_ns
+    again = TracedEncoder.load(bundled_path, bf16_model.spec, "bfloat16", cache=tmp_path)  # read back
+    assert saved.stat().st_mtime_ns == stamp and list(tmp_path.glob("*/*")) == [saved]  # not traced again
+    monkeypatch.setattr(bf16_model, "stages", [made])
+    np.testing.assert_array_equal(bf16_model.embed_ids(ids, chunk_size=16), want)
+    monkeypatch.setattr(bf16_model, "stages", [again])
+    np.testing.assert_array_equal(bf16_model.embed_ids(ids, chunk_size=16), want)
+    # A process given token ids (the batch job's model actor) loads the cached graph, not transformers.
+    code = (
+        "import sys; from pathlib import Path; from models.embedding import EmbeddingModel; "
+        f"m = EmbeddingModel(Path({str(bundled_path)!r}), runtime='torch', autocast='bfloat16', tokenizer=False); "
+        f"m.embed_ids({ids[:3]!r}); print(type(m.stages[0]).__name__, 'transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.split() == ["TracedEncoder", "False"]
 
 
 def test_runtime_auto_takes_bfloat16_matmuls_only_where_the_cpu_has_them(monkeypatch):
