@@ -31,8 +31,9 @@ def load_fast_tokenizer(path: Path) -> Tokenizer | None:
 
 
 def encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids with special tokens, untruncated, as AutoTokenizer's `__call__` gives them."""
-    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+    """Token ids with special tokens, untruncated, as AutoTokenizer's `__call__` gives them. (`encode_batch_fast`
+    skips the character offsets nothing here reads: 25 against 30 µs of CPU per ~17-token text here.)"""
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
 
 
 def truncate_ids(ids: list[int], max_tokens: int, keep_last: bool) -> list[int]:
