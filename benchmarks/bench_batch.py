@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
-    ap.add_argument("--batch-size", type=int, default=256, help="rows per model call, the same for all three")
+    ap.add_argument(
+        "--batch-size", type=int, default=1024, help="rows per model call, the same for all three (python -m batch's)"
+    )
     ap.add_argument("--celery-procs", type=int, default=2, help="celery worker processes (prefork)")
     ap.add_argument(
         "--celery-shapes", nargs="+", choices=sorted(SHAPES), default=["records", "slices"], help="fan-outs to run"
