@@ -11,6 +11,7 @@ stages (models/encoder_stages.py), each passing the next its hidden states with 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -173,9 +174,9 @@ class TracedEncoder:
     replica: 18% of the machine idle on single texts, 0.6x the raw limit on 32-text requests); the trace
     runs the graph in C++, and here computed the same vectors at 1.6-1.9x eager's texts/s. The graph holds
     no shape, so every batch size and length takes it (ids of [2, 8] in; checked on 1 to 64 texts of 1 to
-    256 tokens: tests/unit/test_colocated.py). Traced once per checkpoint, torch version and dtype and
-    cached in artifacts/traced/ (`load`): a process that finds the file loads the graph without transformers
-    or the eager model (the batch job's model actor: ~3 s sooner to its first batch). Turns off
+    256 tokens: tests/unit/test_colocated.py). Traced once per checkpoint, torch and transformers version
+    and dtype, cached in artifacts/traced/ (`load`): a process that finds the file loads the graph without
+    transformers or the eager model (the batch job's model actor: ~3 s sooner to its first batch). Turns off
     TorchScript's own autocast pass for the process (it would redo the casts the graph holds)."""
 
     first = last = True
@@ -199,11 +200,17 @@ class TracedEncoder:
     @classmethod
     def load(cls, checkpoint: Path, spec: PoolingSpec, autocast: str, cache: Path = TRACES) -> TracedEncoder:
         """The checkpoint's trace from the cache, traced from transformers' model and saved there first if absent."""
-        target = cache / weights_key(checkpoint, torch.__version__, autocast) / "encoder.pt"
-        if not target.exists():
-            graph = cls.trace(_auto("AutoModel").from_pretrained(checkpoint).eval(), autocast)
-            save_atomic(target, lambda path: torch.jit.save(graph, str(path)))
-        return cls(torch.jit.load(str(target), map_location="cpu"), spec)
+        # transformers' model code is what was traced: its version is part of the key, read without importing it
+        versions = (torch.__version__, importlib.metadata.version("transformers"), autocast)
+        target = cache / weights_key(checkpoint, *versions) / "encoder.pt"
+        if target.exists():
+            try:
+                return cls(torch.jit.load(str(target), map_location="cpu"), spec)
+            except RuntimeError:  # unreadable (written by a torch build the key does not tell apart): trace again
+                pass
+        graph = cls.trace(_auto("AutoModel").from_pretrained(checkpoint).eval(), autocast)
+        save_atomic(target, lambda path: torch.jit.save(graph, str(path)))
+        return cls(graph, spec)
 
     @torch.inference_mode()
     def __call__(self, x: Hidden) -> torch.Tensor:

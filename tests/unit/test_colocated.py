@@ -82,6 +82,12 @@ def test_the_bfloat16_trace_is_made_once_and_loads_from_its_cache_without_transf
     np.testing.assert_array_equal(bf16_model.embed_ids(ids, chunk_size=16), want)
     monkeypatch.setattr(bf16_model, "stages", [again])
     np.testing.assert_array_equal(bf16_model.embed_ids(ids, chunk_size=16), want)
+    saved.write_bytes(b"not a TorchScript archive")  # a file torch cannot read: traced and written again
+    monkeypatch.setattr(
+        bf16_model, "stages", [TracedEncoder.load(bundled_path, bf16_model.spec, "bfloat16", cache=tmp_path)]
+    )
+    np.testing.assert_array_equal(bf16_model.embed_ids(ids, chunk_size=16), want)
+    assert saved.stat().st_size > 1_000_000
     # A process given token ids (the batch job's model actor) loads the cached graph, not transformers.
     code = (
         "import sys; from pathlib import Path; from models.embedding import EmbeddingModel; "
