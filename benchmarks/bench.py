@@ -96,24 +96,24 @@ def raw_limit(numerics: str, seconds: float) -> dict:
     from deployments.embedder import load_model
 
     runtime, autocast = NUMERICS[numerics]
-    out, models = {}, {}
+    cores = os.cpu_count() or 2
+    rates, models = {}, {}  # by batches at once
     texts = wrk_texts()[:4096]
     for batches in (1, 2):
         cfg = ModelConfig(name=MODEL, task="embed", source=f"bundled:{MODEL}", runtime=runtime,
                           autocast=autocast, concurrent_batches=batches)  # fmt: skip
-        model = models[batches] = load_model(cfg, threads=os.cpu_count() or 2)
+        model = models[batches] = load_model(cfg, threads=cores)
         ids = model.tokenize(texts)
         model.embed_ids(ids[:32])
-        layout = f"{batches}x{(os.cpu_count() or 2) // batches} threads"
-        out[layout] = _raw_rate(lambda n, m=model, ids=ids: m.embed_ids(ids[n : n + 32], 32), batches, seconds)
-    best = max(out, key=out.__getitem__)
-    model = models[int(best[0])]
+        rates[batches] = _raw_rate(lambda n, m=model, ids=ids: m.embed_ids(ids[n : n + 32], 32), batches, seconds)
+    best = max(rates, key=rates.__getitem__)
+    model = models[best]
 
     def from_texts(n: int) -> None:
         model.embed_ids(model.tokenize(texts[n : n + 32]), 32)
 
-    texts_rate = _raw_rate(from_texts, int(best[0]), seconds)
-    return {"texts_per_s": texts_rate, "forward": out[best], "layouts": out}
+    layouts = {f"{b}x{cores // b} threads": rate for b, rate in rates.items()}
+    return {"texts_per_s": _raw_rate(from_texts, best, seconds), "forward": rates[best], "layouts": layouts}
 
 
 def _raw_rate(embed: Callable[[int], object], batches: int, seconds: float) -> float:
