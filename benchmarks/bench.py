@@ -52,6 +52,7 @@ VARIANTS = {  # name: changes to the shipped config's embedding model entry and 
 }
 # How each computes: (runtime, autocast), the raw limit each server is compared with. The shipped config's
 # `runtime: auto` is resolved as a replica on this machine resolves it (models/embedding.py).
+TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"
 NUMERICS = {"onnx fp32": ("onnx", None), "torch fp32": ("torch", None), "torch bf16 matmuls": ("torch", "bfloat16")}
 
 
@@ -91,7 +92,20 @@ def raw_limit(numerics: str, seconds: float) -> dict:
     threads; two batches at once on 1 each), on token ids tokenized beforehand (`forward`); then, in the
     best layout, texts to vectors (`texts_per_s`: each batch tokenized by the model's tokenizer, then
     embedded), what an in-process caller of a text embedding model gets and the limit a server of texts
-    is compared with."""
+    is compared with. The tokenizer runs on the calling thread, as in rayinfer's replicas
+    (models/fast_tokens.single_threaded; faster here too); the peers started after this keep their own
+    default."""
+    saved = os.environ.get(TOKENIZERS_PARALLELISM)
+    try:
+        return _raw_limit(numerics, seconds)
+    finally:
+        if saved is None:
+            os.environ.pop(TOKENIZERS_PARALLELISM, None)
+        else:
+            os.environ[TOKENIZERS_PARALLELISM] = saved
+
+
+def _raw_limit(numerics: str, seconds: float) -> dict:
     from app.config import ModelConfig
     from deployments.embedder import load_model
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.fast_tokens import truncate_ids
+from models.fast_tokens import single_threaded, truncate_ids
 
 NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 
@@ -272,6 +272,8 @@ class EmbeddingModel:
         self.device = torch.device(device)
         self.runtime, self.autocast = resolve_runtime(runtime, autocast, self.device)
         self.spec = read_pooling_spec(self.path)
+        if tokenizer:
+            single_threaded()  # the tokenizer's thread pool would compete with the model for the cores
         self.tokenizer = _auto("AutoTokenizer").from_pretrained(self.path) if tokenizer else None
         self.model = None
         if weights and not stages and self.runtime == "onnx":

@@ -123,5 +123,9 @@ def test_what_each_deployment_of_the_shipped_config_gets():
     # The ingress computes the embedding model on shared cores: its idle OpenMP threads sleep (README Config
     # reference). vLLM's CPU worker binds its own threads to a core and keeps vLLM's defaults, as its own
     # server does.
-    assert got["Ingress"]["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    ingress_env = got["Ingress"]["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert ingress_env["OMP_WAIT_POLICY"] == "PASSIVE"
+    # Its app runs on the replica's own event loop (the model computes in threads of its own); the
+    # Generator keeps Serve's default.
+    assert ingress_env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert "runtime_env" not in got["Generator-SmolLM2-135M-Instruct"]["ray_actor_options"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -122,3 +123,14 @@ def test_an_encoder_stage_built_on_the_meta_device_computes_its_buffers(bundled_
     assert torch.equal(
         stage.model.encoder.layer[2].output.dense.weight, model.model.encoder.layer[2].output.dense.weight
     )
+
+
+@pytest.mark.parametrize("users", [None, "true"])
+def test_the_tokenizer_runs_on_the_calling_thread_unless_the_user_says_otherwise(bundled_path, monkeypatch, users):
+    """Its thread pool would compete with the model for the cores (models/fast_tokens.single_threaded)."""
+    if users is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", users)
+    EmbeddingModel(bundled_path, weights=False)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == (users or "false")
