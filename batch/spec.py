@@ -101,7 +101,12 @@ def model_spec(
 def _pool(cfg: ModelConfig, name: str, options: dict[str, dict], kind: str, layers: tuple[int, int] | None) -> Pool:
     opts = options.get(name, {})
     cpus = float(opts.get("num_cpus", DEFAULT_CPUS[kind]))
-    env = dict(((opts.get("runtime_env") or {}).get("env_vars")) or {})
+    # The deployment's environment, less Serve's own settings (RAY_SERVE_*: a Ray Data actor is no replica).
+    env = {
+        k: v
+        for k, v in ((opts.get("runtime_env") or {}).get("env_vars") or {}).items()
+        if not k.startswith("RAY_SERVE_")
+    }
     threads = cfg.num_threads or max(1, int(cpus))
     # A whole model computes concurrent_batches batches at once in one actor, as its replica does online.
     calls = cfg.concurrent_batches if kind == "whole" and cfg.task == "embed" else 1

@@ -126,6 +126,8 @@ def test_models_come_from_the_serve_config_with_their_deployments_resources():
     # concurrent_batches: 2 online (two batches at once, a thread each): one actor computing two calls at once.
     assert (pool.calls, pool.threads_per_call) == (cfg.concurrent_batches, 1) == (2, 1)
     assert model_spec(cfg, options, Overrides(threads=4, calls=1)).pools[0].threads_per_call == 4
+    # The Ingress's environment, less Serve's own settings (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD).
+    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" in options["Ingress"]["runtime_env"]["env_vars"]
     assert pool.env == {"OMP_WAIT_POLICY": "PASSIVE"} and cfg.runtime == "auto"
     cfg, options = find_model(SERVE_CONFIG.with_name("serve_config.pipeline.yaml"), f"{MODEL}-pipeline", "embed")
     spec = model_spec(cfg, options, Overrides(num_gpus=1, concurrency=(1, 2)), [(0, 1), (1, 6)])
