@@ -52,7 +52,6 @@ VARIANTS = {  # name: changes to the shipped config's embedding model entry and 
 }
 # How each computes: (runtime, autocast), the raw limit each server is compared with. The shipped config's
 # `runtime: auto` is resolved as a replica on this machine resolves it (models/embedding.py).
-TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"
 NUMERICS = {"onnx fp32": ("onnx", None), "torch fp32": ("torch", None), "torch bf16 matmuls": ("torch", "bfloat16")}
 
 
@@ -95,14 +94,14 @@ def raw_limit(numerics: str, seconds: float) -> dict:
     is compared with. The tokenizer runs on the calling thread, as in rayinfer's replicas
     (models/fast_tokens.single_threaded; faster here too); the peers started after this keep their own
     default."""
-    saved = os.environ.get(TOKENIZERS_PARALLELISM)
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
     try:
         return _raw_limit(numerics, seconds)
     finally:
         if saved is None:
-            os.environ.pop(TOKENIZERS_PARALLELISM, None)
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
-            os.environ[TOKENIZERS_PARALLELISM] = saved
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def _raw_limit(numerics: str, seconds: float) -> dict:
