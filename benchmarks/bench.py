@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 from benchmarks import NICE, peers, same_nice
 from loadtest import report, runner
@@ -94,14 +95,8 @@ def raw_limit(numerics: str, seconds: float) -> dict:
     is compared with. The tokenizer runs on the calling thread, as in rayinfer's replicas
     (models/fast_tokens.single_threaded; faster here too); the peers started after this keep their own
     default."""
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    try:
+    with mock.patch.dict(os.environ):  # restored afterwards: the tokenizer setting stays in here
         return _raw_limit(numerics, seconds)
-    finally:
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def _raw_limit(numerics: str, seconds: float) -> dict:

@@ -128,9 +128,8 @@ def test_an_encoder_stage_built_on_the_meta_device_computes_its_buffers(bundled_
 @pytest.mark.parametrize("users", [None, "true"])
 def test_the_tokenizer_runs_on_the_calling_thread_unless_the_user_says_otherwise(bundled_path, monkeypatch, users):
     """Its thread pool would compete with the model for the cores (models/fast_tokens.single_threaded)."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", users or "")  # so the test's end restores the variable
     if users is None:
-        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    else:
-        monkeypatch.setenv("TOKENIZERS_PARALLELISM", users)
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM")
     EmbeddingModel(bundled_path, weights=False)
     assert os.environ["TOKENIZERS_PARALLELISM"] == (users or "false")
