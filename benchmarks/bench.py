@@ -86,6 +86,7 @@ def wrk_texts(texts_per_request: int = 32) -> list[str]:
     return out
 
 
+@mock.patch.dict(os.environ)  # the tokenizer setting stays in here
 def raw_limit(numerics: str, seconds: float) -> dict:
     """Texts/s of the model alone in-process, batches of 32 of the texts wrk sends, both cores: the
     ceiling for any server of these numerics (a NUMERICS key). Best of two layouts (one batch on 2
@@ -94,12 +95,7 @@ def raw_limit(numerics: str, seconds: float) -> dict:
     embedded), what an in-process caller of a text embedding model gets and the limit a server of texts
     is compared with. The tokenizer runs on the calling thread, as in rayinfer's replicas
     (models/fast_tokens.single_threaded; faster here too); the peers started after this keep their own
-    default."""
-    with mock.patch.dict(os.environ):  # restored afterwards: the tokenizer setting stays in here
-        return _raw_limit(numerics, seconds)
-
-
-def _raw_limit(numerics: str, seconds: float) -> dict:
+    default (the environment is restored when this returns)."""
     from app.config import ModelConfig
     from deployments.embedder import load_model
 
