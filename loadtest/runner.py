@@ -1,4 +1,8 @@
-"""Open-loop (Poisson arrivals) and closed-loop (fixed concurrency) load generation."""
+"""Open-loop (Poisson arrivals) and closed-loop (fixed concurrency) load generation.
+
+The HTTP client is aiohttp: ~90 µs of CPU per request at 32 connections on this project's 2-core machine,
+against httpx's ~2.6 ms (encode/httpx#3215), which capped the generator near 380 requests/s on a whole
+core of the server's machine and counted its own queueing as the server's latency."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from loadtest.scenarios import Outcome
 
@@ -24,16 +28,18 @@ class Sample:
 async def _one(client, scenario, i: int, intended: float, t0: float, warmup: bool, out: list[Sample]):
     try:
         outcome = await scenario.send(client, i)
-    except httpx.TimeoutException:
+    except TimeoutError:  # aiohttp's timeouts are TimeoutErrors (some are ClientErrors too)
         outcome = Outcome(status="timeout")
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         outcome = Outcome(status=type(exc).__name__)
     out.append(Sample(t=intended - t0, latency_s=time.perf_counter() - intended, outcome=outcome, warmup=warmup))
 
 
-def _client(url: str, timeout_s: float) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-    return httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits)
+def _client(url: str, timeout_s: float) -> aiohttp.ClientSession:
+    """No connection limit (an open loop never waits for a free connection); `timeout_s` bounds the
+    connect and each read, not a whole response: a long stream is not cut while its tokens keep coming."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+    return aiohttp.ClientSession(url, timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
 
 
 async def open_loop(

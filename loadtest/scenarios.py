@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 WORDS = [
     "serving",
@@ -57,11 +57,12 @@ class Embeddings:
     def items(self) -> int:
         return self.n
 
-    async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
+    async def send(self, client: aiohttp.ClientSession, i: int) -> Outcome:
         texts = [sentence(i * self.n + k) for k in range(self.n)]
         body = {"model": self.model, "input": texts[0] if self.n == 1 else texts}
-        r = await client.post("/v1/embeddings", json=body)
-        return Outcome(status=str(r.status_code))
+        async with client.post("/v1/embeddings", json=body) as r:
+            await r.read()
+            return Outcome(status=str(r.status))
 
 
 class OipEmbeddings(Embeddings):
@@ -69,11 +70,12 @@ class OipEmbeddings(Embeddings):
 
     name = "oip-embeddings"
 
-    async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
+    async def send(self, client: aiohttp.ClientSession, i: int) -> Outcome:
         texts = [sentence(i * self.n + k) for k in range(self.n)]
         body = {"inputs": [{"name": "text", "shape": [self.n], "datatype": "BYTES", "data": texts}]}
-        r = await client.post(f"/v2/models/{self.model}/infer", json=body)
-        return Outcome(status=str(r.status_code))
+        async with client.post(f"/v2/models/{self.model}/infer", json=body) as r:
+            await r.read()
+            return Outcome(status=str(r.status))
 
 
 class Completions:
@@ -89,7 +91,7 @@ class Completions:
     def items(self) -> int:
         return 1
 
-    async def send(self, client: httpx.AsyncClient, i: int) -> Outcome:
+    async def send(self, client: aiohttp.ClientSession, i: int) -> Outcome:
         body = {
             "model": self.model,
             "prompt": sentence(i),
@@ -102,12 +104,13 @@ class Completions:
         start = time.perf_counter()
         out = Outcome(status="stream")
         first = last = None
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            out.status = str(r.status_code)
-            if r.status_code != 200:
-                await r.aread()
+        async with client.post("/v1/completions", json=body) as r:
+            out.status = str(r.status)
+            if r.status != 200:
+                await r.read()
                 return out
-            async for line in r.aiter_lines():
+            async for raw in r.content:  # one line at a time, its "\n" included
+                line = raw.decode().rstrip("\r\n")
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
