@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 from aiohttp import web
 
 from loadtest import runner
 from loadtest.scenarios import Completions, Embeddings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 async def _serve(routes: list[web.RouteDef], port: int) -> web.AppRunner:
@@ -35,14 +29,14 @@ def test_a_read_past_the_timeout_is_a_timeout_and_a_refused_connection_names_its
         await never.wait()
 
     async def main():
-        port = _free_port()
+        port = free_port()
         server = await _serve([web.post("/v1/embeddings", hang)], port)
         try:
             slow = await runner.closed_loop(f"http://127.0.0.1:{port}", Embeddings("m", 1), 2, 0.3, 0.0, 0.1)
         finally:
             never.set()
             await server.cleanup()
-        refused = await runner.closed_loop(f"http://127.0.0.1:{_free_port()}", Embeddings("m", 1), 1, 0.2, 0.0, 1.0)
+        refused = await runner.closed_loop(f"http://127.0.0.1:{free_port()}", Embeddings("m", 1), 1, 0.2, 0.0, 1.0)
         return slow, refused
 
     slow, refused = asyncio.run(main())
@@ -66,7 +60,7 @@ def test_a_streamed_completion_reports_tokens_first_token_and_gaps():
         return response
 
     async def main():
-        port = _free_port()
+        port = free_port()
         server = await _serve([web.post("/v1/completions", stream)], port)
         try:
             return await runner.closed_loop(f"http://127.0.0.1:{port}", Completions("m", 3), 1, 0.2, 0.0, 5.0)
