@@ -194,18 +194,26 @@ def run_all(seconds: float, only: list[str] | None, rounds: int) -> dict:
     servers.update({name: lambda d, v=variant: rayinfer(v, d) for name, variant in VARIANTS.items()})
     kinds = sorted({numerics_of(name) for name in servers if not only or any(o in name for o in only)})
     results["numerics"] = {name: numerics_of(name) for name in servers}
-    for k in range(rounds):
-        # Between rounds no server runs: the raw limit has the machine to itself, whatever this process's nice.
+    chosen = {name: start for name, start in servers.items() if not only or any(o in name for o in only)}
+
+    def raw_limits(k: int) -> None:
         results["raw_rounds"].append({kind: raw_limit(kind, 10.0) for kind in kinds})
         print(f"round {k + 1}, raw limits: {results['raw_rounds'][-1]}", flush=True)
+
+    for k in range(rounds):
         same_nice(NICE)
         measured: dict = {}
-        for name, start in servers.items():
-            if only and not any(o in name for o in only):
-                continue
+        for name, start in chosen.items():
+            # The raw limit right before rayinfer's servers (the peers run first), not at the round's start:
+            # this VM's speed drifts, once 2.5x within a run, and a round lasts ~15 minutes. No server runs
+            # while it is measured: it has the machine to itself.
+            if name in VARIANTS and len(results["raw_rounds"]) == k:
+                raw_limits(k)
             with start(log_dir) as url:
                 measured[name] = measure(url, seconds)
             print(f"round {k + 1}, {name}: {json.dumps(measured[name]['single'])}", flush=True)
+        if len(results["raw_rounds"]) == k:  # only peers chosen
+            raw_limits(k)
         results["rounds"].append(measured)
     results["servers"] = {name: median_run(results["rounds"], name) for name in results["rounds"][0]}
     results["raw"] = {
@@ -261,9 +269,9 @@ def render(results: dict, command: str) -> str:
         "taking turns in each; every figure is the server's median over the rounds, each round's rate in ().",
         "",
         "Raw limit, in-process, batches of 32, both cores (the better of one batch on two threads and two "
-        "at once on one each), measured at the start of each round, texts to vectors (each batch tokenized, "
-        'then embedded: what an in-process caller gets; the "× raw" columns) and the forward alone on ids '
-        'tokenized beforehand ("× fwd"): '
+        "at once on one each), measured in each round after the peers, right before rayinfer's servers, "
+        'texts to vectors (each batch tokenized, then embedded: what an in-process caller gets; the "× raw" '
+        'columns) and the forward alone on ids tokenized beforehand ("× fwd"): '
         + "; ".join(
             f"{kind} {r['texts_per_s']:.0f} texts/s ({_rounds(r['runs'])}), forward alone {r['forward']:.0f} "
             f"({_rounds(r['forward_runs'])})"
