@@ -192,9 +192,9 @@ def run_all(seconds: float, only: list[str] | None, rounds: int) -> dict:
     results: dict = {"rounds": [], "raw_rounds": []}
     servers = {**{name: lambda d, n=name: peers.serve(n, d) for name in peers.PEERS}}
     servers.update({name: lambda d, v=variant: rayinfer(v, d) for name, variant in VARIANTS.items()})
-    kinds = sorted({numerics_of(name) for name in servers if not only or any(o in name for o in only)})
-    results["numerics"] = {name: numerics_of(name) for name in servers}
     chosen = {name: start for name, start in servers.items() if not only or any(o in name for o in only)}
+    kinds = sorted({numerics_of(name) for name in chosen})
+    results["numerics"] = {name: numerics_of(name) for name in servers}
 
     def raw_limits(k: int) -> None:
         results["raw_rounds"].append({kind: raw_limit(kind, 10.0) for kind in kinds})
